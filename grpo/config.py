@@ -150,6 +150,9 @@ class GRPOConfig:
         "must divide per_device_train_batch_size * num_generations.",
     )
     max_grad_norm: float = _f(0.1, "Gradient clipping norm (0 = off).")
+    max_nonfinite_updates: int = _f(
+        3, "Stop (with a checkpoint) after this many non-finite updates in a row; each one is skipped."
+    )
     max_steps: int = _f(750, "Optimiser steps to train.")
     seed: int = _f(3407, "Random seed (data order, sampling, adapter init).")
     # ----------------------------------------------------------------- output
@@ -233,6 +236,7 @@ def validate(cfg: GRPOConfig) -> None:
         "lora_r",
         "lora_alpha",
         "pubmedqa_max_context_chars",
+        "max_nonfinite_updates",
     ):
         need(getattr(cfg, name) > 0, name, "must be > 0")
     need(cfg.eval_steps >= 0, "eval_steps", "must be >= 0 (0 = off)")

@@ -1,0 +1,589 @@
+"""Loaders, prompts, the length filter and the training mixture (data/)."""
+
+from __future__ import annotations
+
+import doctest
+import itertools
+import json
+import logging
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import pytest
+
+import data.gsm8k
+import data.health_benchmarks
+import data.prompts
+import data.pubmedqa
+from data import gsm8k, health_benchmarks, pubmedqa
+from data.common import FIXTURES_DIR, DataError, resolve_data_files
+from data.mixture import SOURCES, MixtureStream, build_eval_datasets, build_train_dataset
+from data.prompts import SYSTEM_PROMPT, filter_long_prompts, prompt_lengths
+from grpo.config import GRPOConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHARED_DATA = ROOT.parent / "shared" / "data"  # real hub rows, beside the checkout (CI clones have it)
+GSM8K_FILES = str(FIXTURES_DIR / "gsm8k_{split}.jsonl")
+PUBMEDQA_FILES = str(FIXTURES_DIR / "pubmedqa_{split}.jsonl")
+HB_FILES = str(FIXTURES_DIR / "health_benchmarks_*.jsonl")
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def user_message(row: dict) -> str:
+    return row["prompt"][1]["content"]
+
+
+def fixture_config(**overrides) -> GRPOConfig:
+    values = dict(
+        gsm8k_data_files=GSM8K_FILES,
+        pubmedqa_data_files=PUBMEDQA_FILES,
+        health_benchmarks_data_files=HB_FILES,
+        seed=7,
+    )
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+# ---------------------------------------------------------------------------- a tiny real tokenizer
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    """A real transformers tokenizer (WordLevel, whitespace/punctuation pre-tokenizer, ChatML template):
+    its token count is the number of ``\\w+|[^\\w\\s]+`` pieces, which the tests count independently."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", chat_template=CHATML)
+
+
+def reference_length(prompt: list[dict]) -> int:
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in prompt)
+    return len(re.findall(r"\w+|[^\w\s]+", text + "<|im_start|>assistant\n"))
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def test_prompts_are_the_recipe_strings():
+    assert SYSTEM_PROMPT == (
+        "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+    )
+    assert data.prompts.gsm8k_user_prompt("What is 2 + 2?") == "What is 2 + 2?"
+    assert data.prompts.pubmedqa_user_prompt(["C1.", "C2."], "Q?") == (
+        "Given the scientific context below:\nC1.\nC2.\n\nAnswer the following question:\nQ? with 'yes', "
+        "'no' or 'maybe'. You need to carefully review the context and reason before answering."
+    )
+    assert data.prompts.health_benchmarks_user_prompt("Q?\nA) a\nB) b\nC) c\nD) d") == (
+        "\n\nAnswer the following question:\nQ?\nA) a\nB) b\nC) c\nD) d\n With 'A', 'B', 'C' or 'D'. "
+        "You need to carefully review the context and reason before answering."
+    )
+    assert data.prompts.make_prompt("hi") == [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "hi"},
+    ]
+
+
+def test_docstring_examples():
+    for module in (data.prompts, data.gsm8k, data.health_benchmarks):
+        assert doctest.testmod(module).failed == 0, module.__name__
+
+
+# ---------------------------------------------------------------------------- GSM8K
+
+
+def test_gsm8k_fixture_rows_match_the_raw_file():
+    raw = read_jsonl(FIXTURES_DIR / "gsm8k_test.jsonl")
+    ds = gsm8k.load("test", GSM8K_FILES)
+    assert ds.column_names == ["prompt", "answer", "db_set"]
+    assert len(ds) == len(raw)
+    for row, src in zip(ds, raw, strict=True):
+        assert row["prompt"] == [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": src["question"]},
+        ]
+        assert row["answer"] == src["answer"].split("####")[-1].strip().replace(",", "")
+        assert row["db_set"] == "gsm8k"
+    answers = set(ds["answer"])
+    assert any(a.startswith("-") for a in answers)  # the fixture has negative answers ...
+    assert any("," in r["answer"].split("####")[-1] for r in raw)  # ... and thousands separators
+
+
+def test_gsm8k_malformed_rows_are_skipped_with_one_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="data.common"):
+        ds = gsm8k.load("train", str(TEST_FIXTURES / "gsm8k_malformed.jsonl"))
+    # Rows 0, 1, 2, 9 are valid; 2,400 loses its separator, -7 keeps its sign, the last #### wins.
+    assert ds["answer"] == ["5", "2400", "-7", "4"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "gsm8k: skipped 6 malformed row(s) of 10" in message
+    for reason in (
+        "no '####' line in answer: 1 (first at row 3)",
+        "empty question: 1",
+        "question missing or not a string: 1",
+        "answer missing, empty or not a string: 2",
+        "'####' not followed by a number: 1",
+    ):
+        assert reason in message
+
+
+def test_gsm8k_parse_final_answer():
+    assert gsm8k.parse_final_answer("a\n#### 850,000") == "850000"
+    assert gsm8k.parse_final_answer("#### +12") == "12"
+    assert gsm8k.parse_final_answer("#### 1.5") == "1.5"
+    assert gsm8k.parse_final_answer("#### 1,00") is None  # not a thousands separator
+    assert gsm8k.parse_final_answer("no marker 12") is None
+
+
+def test_source_with_no_valid_row_names_source_and_file(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q?", "answer": "no marker"}\n{"question": "", "answer": "#### 1"}\n')
+    with pytest.raises(DataError, match=r"gsm8k: no valid row left in .*bad\.jsonl"):
+        gsm8k.load("train", str(bad))
+
+
+def test_missing_files_and_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match=r"gsm8k: no data file matches .*nothing_test\.jsonl"):
+        gsm8k.load("test", str(tmp_path / "nothing_{split}.jsonl"))
+    with pytest.raises(DataError, match="split='dev'"):
+        gsm8k.load("dev", GSM8K_FILES)
+    (tmp_path / "x.csv").write_text("question,answer\n")
+    with pytest.raises(DataError, match="unsupported format"):
+        gsm8k.load("train", str(tmp_path / "x.csv"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "Q", "answer": "#### 1"}\n{not json\n')
+    with pytest.raises(DataError, match=r"gsm8k: could not read .*broken\.jsonl"):
+        gsm8k.load("train", str(broken))
+
+
+def test_resolve_data_files_forms(tmp_path, monkeypatch):
+    for name in ("a_train.jsonl", "a_test.jsonl", "b_train.jsonl", "notes.txt"):
+        (tmp_path / name).write_text("{}\n")
+    assert resolve_data_files(str(tmp_path / "a_{split}.jsonl"), "test", "s") == [
+        str(tmp_path / "a_test.jsonl")
+    ]
+    assert resolve_data_files(str(tmp_path / "*_train.jsonl"), "test", "s") == [
+        str(tmp_path / "a_train.jsonl"),
+        str(tmp_path / "b_train.jsonl"),
+    ]
+    assert resolve_data_files({"test": [str(tmp_path / "b_train.jsonl")]}, "test", "s") == [
+        str(tmp_path / "b_train.jsonl")
+    ]
+    assert len(resolve_data_files(str(tmp_path), "train", "s")) == 3  # a folder: json/jsonl/parquet only
+    with pytest.raises(DataError, match="no entry for split 'train'"):
+        resolve_data_files({"test": "x"}, "train", "s")
+    # relative paths fall back to the project root: the shipped fixtures are found from anywhere
+    monkeypatch.chdir(tmp_path)
+    found = resolve_data_files("data/fixtures/gsm8k_{split}.jsonl", "test", "s")
+    assert found == [str(ROOT / "data" / "fixtures" / "gsm8k_test.jsonl")]
+
+
+def test_parquet_gives_the_same_rows_as_jsonl(tmp_path):
+    raw = read_jsonl(FIXTURES_DIR / "gsm8k_test.jsonl")
+    datasets.Dataset.from_list(raw).to_parquet(str(tmp_path / "gsm8k_test.parquet"))
+    assert (
+        gsm8k.load("test", str(tmp_path / "gsm8k_{split}.parquet")).to_list()
+        == gsm8k.load("test", GSM8K_FILES).to_list()
+    )
+
+
+# ---------------------------------------------------------------------------- PubMedQA
+
+
+def test_pubmedqa_train_rows_from_dict_of_lists_context():
+    raw = read_jsonl(FIXTURES_DIR / "pubmedqa_train.jsonl")
+    ds = pubmedqa.load("train", PUBMEDQA_FILES)
+    assert len(ds) == len(raw)  # all synthetic contexts are short, none is a test pubid
+    src, row = raw[0], ds[0]
+    expected = (
+        "Given the scientific context below:\n"
+        + "\n".join(src["context"]["contexts"])
+        + "\n\nAnswer the following question:\n"
+        + src["question"]
+        + " with 'yes', 'no' or 'maybe'. You need to carefully review the context and reason before answering."
+    )
+    assert user_message(row) == expected
+    assert row["answer"] == src["final_decision"] and row["db_set"] == "pubmedqa"
+    assert set(ds["answer"]) == {"yes", "no"}  # pqa_artificial has no maybe
+
+
+def test_pubmedqa_malformed_rows_and_test_pubid_exclusion(caplog):
+    with caplog.at_level(logging.INFO, logger="data.common"):
+        ds = pubmedqa.load("train", str(TEST_FIXTURES / "pubmedqa_malformed.jsonl"))
+    # valid: rows 0, 1, 6 ("91000007" as a string, "Yes " normalised); row 7 is official test pubid 7482275
+    assert ds["answer"] == ["yes", "no", "yes"]
+    assert 7482275 in pubmedqa.official_test_pubids()
+    assert not any("bread" in user_message(r) for r in ds)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "pubmedqa: skipped 6 malformed row(s) of 10" in warnings[0]
+    for reason in (
+        "context.contexts missing or not a list of strings: 3",
+        "final_decision missing or not yes/no/maybe: 1",
+        "pubid missing or not an integer: 1",
+        "empty question: 1",
+    ):
+        assert reason in warnings[0]
+    assert any("official test pubid (kept out of training): 1" in r.getMessage() for r in caplog.records)
+
+
+def test_pubmedqa_context_length_boundary(tmp_path):
+    def row(pubid, n_chars):  # two contexts joined by "\n": total n_chars
+        half = (n_chars - 1) // 2
+        contexts = ["a" * half, "b" * (n_chars - 1 - half)]
+        return {
+            "pubid": pubid,
+            "question": f"Q{pubid}?",
+            "context": {"contexts": contexts, "labels": [], "meshes": []},
+            "long_answer": "",
+            "final_decision": "yes",
+        }
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(row(92000000 + n, n)) + "\n" for n in (1023, 1024, 1025)))
+    assert len(pubmedqa.load("train", str(path))) == 1  # only the 1,023-character context is < 1,024
+    assert len(pubmedqa.load("train", str(path), max_context_chars=1025)) == 2
+    assert len(pubmedqa.load("train", str(path), max_context_chars=5000)) == 3
+
+
+def test_pubmedqa_test_split_is_the_official_pubids():
+    raw = read_jsonl(FIXTURES_DIR / "pubmedqa_test.jsonl")
+    official = pubmedqa.official_test_pubids()
+    assert len(official) == 500
+    ds = pubmedqa.load("test", PUBMEDQA_FILES)
+    expected = [r["final_decision"] for r in raw if r["pubid"] in official]
+    assert ds["answer"] == expected and 0 < len(expected) < len(raw)
+    assert "maybe" in ds["answer"]
+
+
+# ---------------------------------------------------------------------------- Health_Benchmarks
+
+
+def test_health_benchmarks_answer_parsing():
+    q = "Which hormone?\nA) Renin\nB) Insulin\nC) Gastrin\nD) Leptin"
+    cases = {
+        "B": "B",
+        "b": "B",
+        "(C)": "C",
+        "C)": "C",
+        "D.": "D",
+        "A: Renin": "A",
+        "B) Insulin": "B",
+        "Answer: D": "D",
+        "The correct answer is C.": "C",
+        "Option (A)": "A",
+        "insulin": "B",
+        "Insulin.": "B",
+        "E": None,
+        "A patient should rest.": None,
+        "": None,
+        "Leptin or renin": None,
+    }
+    for answer, letter in cases.items():
+        assert health_benchmarks.parse_answer_letter(answer, q) == letter, answer
+
+
+def test_health_benchmarks_malformed_rows_and_parsed_letters(caplog):
+    path = str(TEST_FIXTURES / "health_benchmarks_Malformed.jsonl")
+    with caplog.at_level(logging.WARNING, logger="data.common"):
+        train = health_benchmarks.load("train", path)
+        test = health_benchmarks.load("test", path)
+    letters = {user_message(r).split("\n")[3]: r["answer"] for r in itertools.chain(train, test)}
+    assert letters == {
+        "Which organ pumps blood?": "B",
+        "Which hormone lowers blood sugar?": "C",
+        "Which vitamin does sunlight help make?": "A",
+        "Which cell carries oxygen?": "D",
+        "Which bone is in the thigh?": "C",
+        "Which gland makes thyroxine?": "A",
+    }
+    assert len(test) == math.ceil(0.1 * 6) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("skipped 5 malformed row(s) of 11" in w for w in warnings)
+
+
+def test_health_benchmarks_held_out_is_ten_percent_of_each_specialty_by_hash():
+    train = health_benchmarks.load("train", HB_FILES)
+    test = health_benchmarks.load("test", HB_FILES)
+    train_q = {user_message(r) for r in train}
+    test_q = {user_message(r) for r in test}
+    assert not train_q & test_q
+    files = sorted(FIXTURES_DIR.glob("health_benchmarks_*.jsonl"))
+    assert len(files) >= 2 and len(test) == sum(math.ceil(0.1 * len(read_jsonl(f))) for f in files)
+    # independently: per file, the ceil(10%) questions with the smallest SHA-256 are the test set
+    import hashlib
+
+    expected = set()
+    for f in files:
+        qs = sorted(
+            {r["Questions"].strip() for r in read_jsonl(f)},
+            key=lambda q: hashlib.sha256(q.encode()).hexdigest(),
+        )
+        expected |= {data.prompts.health_benchmarks_user_prompt(q) for q in qs[: math.ceil(0.1 * len(qs))]}
+    assert test_q == expected
+    # the split does not depend on row order
+    shuffled = FIXTURES_DIR / "health_benchmarks_Cardiology.jsonl"
+    questions = [r["Questions"] for r in read_jsonl(shuffled)]
+    held_out = health_benchmarks.held_out_questions
+    assert held_out(questions[::-1]) == held_out(questions)
+
+
+def test_held_out_count_is_the_ceiling_of_ten_percent():
+    for n, held in ((1, 1), (5, 1), (10, 1), (11, 2), (78, 8), (180, 18)):
+        questions = [f"Question {i}?" for i in range(n)]
+        # each question twice: duplicates count once
+        assert len(health_benchmarks.held_out_questions(questions + questions)) == held
+
+
+def test_health_benchmarks_rejects_split_placeholder():
+    with pytest.raises(DataError, match="no '{split}'"):
+        health_benchmarks.load("train", "data/fixtures/health_benchmarks_{split}.jsonl")
+
+
+def test_health_benchmarks_has_the_52_recipe_specialties():
+    names = health_benchmarks.SPECIALTIES
+    assert len(names) == 52 == len(set(names))
+    assert {"Lab_Medicine", "Wearables", "Physical_Medicine_and_Rehabilitation", "Wellbeing"} <= set(names)
+
+
+# ---------------------------------------------------------------------------- the hub code path
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """datasets.load_dataset answering the expected (repo, config, split) calls with fixture rows."""
+    calls = []
+    hb_file = read_jsonl(FIXTURES_DIR / "health_benchmarks_Nutrition.jsonl")
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        if path == "openai/gsm8k" and name == "main" and split in ("train", "test"):
+            return datasets.Dataset.from_list(read_jsonl(FIXTURES_DIR / f"gsm8k_{split}.jsonl"))
+        if path == "qiaojin/PubMedQA" and split == "train" and name in ("pqa_artificial", "pqa_labeled"):
+            file = "pubmedqa_train.jsonl" if name == "pqa_artificial" else "pubmedqa_test.jsonl"
+            return datasets.Dataset.from_list(read_jsonl(FIXTURES_DIR / file))
+        if (
+            path == "yesilhealth/Health_Benchmarks"
+            and name in health_benchmarks.SPECIALTIES
+            and split is None
+        ):
+            # every specialty gets its own rows (the name in the question keeps them distinct)
+            rows = [{"Questions": f"[{name}] " + r["Questions"], "Answers": r["Answers"]} for r in hb_file]
+            return datasets.DatasetDict({name: datasets.Dataset.from_list(rows)})
+        raise AssertionError(f"unexpected load_dataset({path!r}, {name!r}, split={split!r})")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    return calls
+
+
+def test_hub_path_gsm8k_and_pubmedqa(fake_hub):
+    assert len(gsm8k.load("test")) == len(read_jsonl(FIXTURES_DIR / "gsm8k_test.jsonl"))
+    assert fake_hub[-1] == ("openai/gsm8k", "main", "test")
+    ds = pubmedqa.load("train")
+    assert fake_hub[-1] == ("qiaojin/PubMedQA", "pqa_artificial", "train")
+    assert len(ds) == len(read_jsonl(FIXTURES_DIR / "pubmedqa_train.jsonl"))
+    ds = pubmedqa.load("test")
+    assert fake_hub[-1] == ("qiaojin/PubMedQA", "pqa_labeled", "train")
+    assert set(ds["answer"]) == {"yes", "no", "maybe"}
+
+
+def test_hub_path_matches_local_path(fake_hub, monkeypatch):
+    hub = gsm8k.load("train").to_list()
+    monkeypatch.undo()  # the real load_dataset for the local json files
+    assert hub == gsm8k.load("train", GSM8K_FILES).to_list()
+
+
+def test_hub_path_health_benchmarks_loads_every_specialty(fake_hub):
+    test = health_benchmarks.load("test")
+    assert sorted(c[1] for c in fake_hub) == sorted(health_benchmarks.SPECIALTIES)
+    assert all(c[0] == "yesilhealth/Health_Benchmarks" for c in fake_hub)
+    n = len(read_jsonl(FIXTURES_DIR / "health_benchmarks_Nutrition.jsonl"))
+    assert len(test) == 52 * math.ceil(0.1 * n)
+    fake_hub.clear()
+    train = health_benchmarks.load("train", specialties=["Sleep", "Nutrition"])
+    assert [c[1] for c in fake_hub] == ["Sleep", "Nutrition"]
+    assert len(train) == 2 * (n - math.ceil(0.1 * n))
+
+
+# ---------------------------------------------------------------------------- real rows (../shared/data)
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"real sample rows not found at {path} (the shared/ folder beside the checkout)")
+    return path
+
+
+def test_real_gsm8k_rows():
+    path = shared_file("gsm8k_main_train_sample.jsonl")
+    raw = read_jsonl(path)
+    ds = gsm8k.load("train", str(path))
+    assert len(ds) == len(raw)
+    assert [user_message(r) for r in ds] == [r["question"] for r in raw]
+    expected = [
+        r["answer"].strip().splitlines()[-1].removeprefix("####").strip().replace(",", "") for r in raw
+    ]
+    assert ds["answer"] == expected
+    assert {"1080", "850000", "2250"} <= set(ds["answer"])  # written "1,080", "850,000", "2,250" in the data
+
+
+def test_real_pubmedqa_rows():
+    path = shared_file("pubmedqa_pqa_labeled_sample.jsonl")
+    raw = read_jsonl(path)
+    pubids = [r["pubid"] for r in raw]
+    ds = pubmedqa.load("test", str(path), test_pubids=pubids)
+    assert ds["answer"] == [r["final_decision"] for r in raw]
+    first = user_message(ds[0])
+    assert first.startswith("Given the scientific context below:\n" + raw[0]["context"]["contexts"][0] + "\n")
+    assert first.endswith(
+        raw[0]["question"] + " with 'yes', 'no' or 'maybe'. You need to carefully review the "
+        "context and reason before answering."
+    )
+    # none of these 30 rows is an official test question, so the real test split keeps none of them
+    with pytest.raises(DataError, match="not an official test pubid"):
+        pubmedqa.load("test", str(path))
+    # as training rows, only the contexts shorter than 1,024 characters stay
+    short = [r for r in raw if len("\n".join(r["context"]["contexts"])) < 1024]
+    assert pubmedqa.load("train", str(path))["answer"] == [r["final_decision"] for r in short]
+
+
+# ---------------------------------------------------------------------------- prompt length filter
+
+
+def test_prompt_lengths_and_filter(word_tokenizer):
+    ds = gsm8k.load("test", GSM8K_FILES)
+    lengths = prompt_lengths(ds["prompt"], word_tokenizer)
+    assert lengths == [reference_length(p) for p in ds["prompt"]]
+    limit = sorted(lengths)[len(lengths) // 2]
+    kept, n_dropped = filter_long_prompts(ds, word_tokenizer, limit)
+    assert n_dropped == sum(n > limit for n in lengths) > 0
+    assert len(kept) == len(ds) - n_dropped
+    assert max(prompt_lengths(kept["prompt"], word_tokenizer)) == limit  # "longer than" drops, equal stays
+    same, zero = filter_long_prompts(ds, word_tokenizer, max(lengths))
+    assert zero == 0 and len(same) == len(ds)
+
+
+# ---------------------------------------------------------------------------- the mixture
+
+
+def small_source(tag: str, n: int) -> datasets.Dataset:
+    rows = [{"prompt": data.prompts.make_prompt(f"{tag}{i}"), "answer": "x", "db_set": tag} for i in range(n)]
+    return datasets.Dataset.from_list(rows)
+
+
+def test_mixture_proportions_match_the_config():
+    stream = build_train_dataset(fixture_config(seed=11), tokenizer=None)
+    counts = Counter(row["db_set"] for row in stream.rows(0, 3000))
+    # Sources are drawn i.i.d. with these probabilities; over 3,000 draws a binomial proportion has a
+    # standard deviation of at most 0.0092, so 0.03 is more than 3 standard deviations.
+    for db_set, p in (("pubmedqa", 0.7), ("gsm8k", 0.15), ("med_mc", 0.15)):
+        assert abs(counts[db_set] / 3000 - p) < 0.03, (db_set, counts)
+    skewed = build_train_dataset(fixture_config(seed=11, dataset_mixture=[0.2, 0.2, 0.6]), tokenizer=None)
+    counts = Counter(row["db_set"] for row in skewed.rows(0, 3000))
+    assert abs(counts["med_mc"] / 3000 - 0.6) < 0.03 and abs(counts["pubmedqa"] / 3000 - 0.2) < 0.03
+
+
+def test_mixture_is_reproducible_endless_and_indexable():
+    # b is small and likely, a large and rare: an epoch must run until a is exhausted too (~100 rows)
+    sources = {"a": small_source("a", 20), "b": small_source("b", 2), "c": small_source("c", 3)}
+    probs = {"a": 0.2, "b": 0.6, "c": 0.2}
+    stream = MixtureStream(sources, probs, seed=1)
+    first = [user_message(r) for r in itertools.islice(iter(stream), 400)]  # several epochs
+    assert first == [user_message(r) for r in stream.rows(0, 400)]
+    assert stream.locate(399)[0] >= 2
+    again = MixtureStream(sources, probs, seed=1)
+    assert user_message(again[350]) == first[350]  # a resumed run jumps straight to a position
+    assert first != [user_message(r) for r in MixtureStream(sources, probs, seed=2).rows(0, 400)]
+    # all_exhausted: every row of every source is in every epoch
+    everything = {f"{t}{i}" for t, n in (("a", 20), ("b", 2), ("c", 3)) for i in range(n)}
+    for e in range(3):
+        assert {user_message(r) for r in stream.epoch(e)} == everything
+    # epochs are reshuffled
+    assert [user_message(r) for r in stream.epoch(0)] != [user_message(r) for r in stream.epoch(1)]
+    with pytest.raises(IndexError):
+        stream[-1]
+
+
+def test_mixture_drops_zero_probability_sources():
+    stream = MixtureStream(
+        {"a": small_source("a", 4), "b": small_source("b", 4)}, {"a": 1.0, "b": 0.0}, seed=0
+    )
+    assert {r["db_set"] for r in stream.rows(0, 50)} == {"a"}
+    with pytest.raises(DataError, match="no source has a probability > 0"):
+        MixtureStream({"a": small_source("a", 4)}, {"a": 0.0}, seed=0)
+    cfg = fixture_config(dataset_mixture=[0.0, 1.0, 0.0], pubmedqa_data_files="/nonexistent/{split}.jsonl")
+    assert {r["db_set"] for r in build_train_dataset(cfg, tokenizer=None).rows(0, 20)} == {"gsm8k"}
+
+
+def test_no_eval_row_in_the_training_stream():
+    cfg = fixture_config()
+    evals = build_eval_datasets(cfg, tokenizer=None)
+    assert set(evals) == {"pubmedqa", "gsm8k", "med_mc"} and all(len(d) > 0 for d in evals.values())
+    eval_messages = {user_message(r) for d in evals.values() for r in d}
+    stream = build_train_dataset(cfg, tokenizer=None)
+    for name, source in stream.sources.items():  # every row of the stream comes from these
+        assert not {user_message(r) for r in source} & eval_messages, name
+    assert not {user_message(r) for r in stream.rows(0, 3000)} & eval_messages
+    assert stream.names == list(SOURCES)
+
+
+def test_overlapping_local_files_are_removed_from_training(tmp_path, caplog):
+    train = read_jsonl(FIXTURES_DIR / "gsm8k_train.jsonl") + read_jsonl(FIXTURES_DIR / "gsm8k_test.jsonl")[:5]
+    (tmp_path / "g_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (tmp_path / "g_test.jsonl").write_text((FIXTURES_DIR / "gsm8k_test.jsonl").read_text())
+    cfg = fixture_config(gsm8k_data_files=str(tmp_path / "g_{split}.jsonl"))
+    with caplog.at_level(logging.WARNING, logger="data.mixture"):
+        stream = build_train_dataset(cfg, tokenizer=None)
+    assert len(stream.sources["gsm8k"]) == len(train) - 5
+    assert any("removed 5 training row(s)" in r.getMessage() for r in caplog.records)
+    # one file and no {split}: the training split is the test split
+    same = fixture_config(gsm8k_data_files=str(FIXTURES_DIR / "gsm8k_test.jsonl"))
+    with pytest.raises(DataError, match="every training row is also an evaluation row"):
+        build_train_dataset(same, tokenizer=None)
+
+
+def test_build_with_tokenizer_drops_long_prompts(word_tokenizer, caplog):
+    all_rows = build_eval_datasets(fixture_config(), tokenizer=None)
+    lengths = {k: [reference_length(p) for p in d["prompt"]] for k, d in all_rows.items()}
+    limit = sorted(lengths["pubmedqa"])[len(lengths["pubmedqa"]) // 2]  # about half of PubMedQA fits
+    assert max(lengths["gsm8k"]) <= limit  # GSM8K prompts are shorter
+    with caplog.at_level(logging.WARNING, logger="data.mixture"):
+        evals = build_eval_datasets(fixture_config(max_prompt_length=limit), word_tokenizer)
+    for key, d in evals.items():
+        assert len(d) == sum(n <= limit for n in lengths[key]), key
+    assert len(evals["gsm8k"]) == len(all_rows["gsm8k"])
+    assert 0 < len(evals["pubmedqa"]) < len(all_rows["pubmedqa"])
+    assert any("pubmedqa (test): dropped" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataError, match="every prompt is longer than max_prompt_length=5"):
+        build_eval_datasets(fixture_config(max_prompt_length=5), word_tokenizer)
+
+
+def test_fixtures_are_small_and_regenerate_identically(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_fixtures", ROOT / "scripts" / "make_fixtures.py")
+    make_fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_fixtures)
+    make_fixtures.main(["--out", str(tmp_path)])
+    shipped = sorted(p.name for p in FIXTURES_DIR.glob("*.jsonl"))
+    assert shipped == sorted(p.name for p in tmp_path.glob("*.jsonl"))
+    for name in shipped:
+        assert (tmp_path / name).read_text() == (FIXTURES_DIR / name).read_text(), name
+    assert sum((FIXTURES_DIR / n).stat().st_size for n in shipped) < 2_000_000
+    assert len(read_jsonl(FIXTURES_DIR / "gsm8k_train.jsonl")) >= 200
