@@ -1,0 +1,147 @@
+"""What a GRPO run records: one JSON line per optimiser step, TensorBoard if asked, a PNG at the end.
+
+The names follow TRL's, which users already know: ``reward``, ``reward_std``, ``rewards/<fn>/mean``,
+``kl``, ``clip_ratio``, ``frac_reward_zero_std``, ``completion_length``, plus ``reward/<db_set>`` and
+``accuracy/<db_set>`` per data source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+
+from grpo.advantages import frac_zero_std_groups
+
+CORRECT = 2.0  # correctness_reward_func gives 2.0 for an exact answer
+
+
+def reward_metrics(
+    rewards: torch.Tensor,
+    rewards_per_func: dict[str, torch.Tensor],
+    db_sets: list[str],
+    group_size: int,
+) -> dict[str, float]:
+    """Reward statistics of one batch of N completions.
+
+    rewards: [N] weighted total; rewards_per_func: name -> [N] unweighted; db_sets: N source names.
+    ``reward_std`` is the mean over groups of the within-group std (the spread GRPO learns from).
+
+    Example: rewards [1, 3, 2, 2] with G = 2 -> reward 2.0, reward_std mean(1.414, 0) = 0.707,
+    frac_reward_zero_std 0.5.
+    """
+    grouped = rearrange(rewards, "(p g) -> p g", g=group_size)
+    out = {
+        "reward": rewards.mean().item(),
+        "reward_std": grouped.std(dim=1).mean().item(),
+        "frac_reward_zero_std": frac_zero_std_groups(rewards, group_size),
+    }
+    for name, values in rewards_per_func.items():
+        out[f"rewards/{name}/mean"] = values.mean().item()
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i, source in enumerate(db_sets):
+        by_source[source].append(i)
+    correctness = rewards_per_func.get("correctness_reward_func")
+    for source, idx in sorted(by_source.items()):
+        index = torch.tensor(idx)
+        out[f"reward/{source}"] = rewards[index].mean().item()
+        if correctness is not None:
+            out[f"accuracy/{source}"] = (correctness[index] == CORRECT).float().mean().item()
+    return out
+
+
+def length_metrics(lengths: torch.Tensor, truncated: torch.Tensor) -> dict[str, float]:
+    """lengths: [N] completion lengths in tokens; truncated: [N] bool (hit max_completion_length)."""
+    lengths = lengths.float()
+    return {
+        "completion_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": truncated.float().mean().item(),
+    }
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to ``metrics.jsonl`` (and TensorBoard when asked).
+
+    On resume from step s, lines for steps > s (written after that checkpoint by the killed run)
+    are dropped first, so the file reads as if the run had never stopped.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, report_to: str = "none", resume_step: int = 0):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.writer = None
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "runs"), purge_step=resume_step + 1)
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl ([] if it does not exist); a torn last line is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    return records
+
+
+def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
+    """PNG of total reward, each reward function, per-source reward and KL against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    steps = [r["step"] for r in records]
+
+    def series(key):
+        return [r.get(key, float("nan")) for r in records]
+
+    keys = sorted({k for r in records for k in r})
+    panels = [
+        ("total reward", ["reward"] + [k for k in keys if k.startswith("eval/reward")]),
+        ("reward functions (unweighted means)", [k for k in keys if k.startswith("rewards/")]),
+        ("reward per source", [k for k in keys if k.startswith("reward/")]),
+        ("KL to reference", ["kl"]),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for ax, (title, names) in zip(axes.flat, panels):
+        for name in names:
+            ax.plot(steps, series(name), label=name.replace("rewards/", "").replace("/mean", ""))
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if names:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

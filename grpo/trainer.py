@@ -1,0 +1,460 @@
+"""The GRPO training loop. ``grpo_step`` reads like Algorithm 1 of DeepSeekMath (iterative GRPO):
+
+    sample a batch of prompts
+    -> sample G completions per prompt with the sampler (the current policy)
+    -> score them with the reward functions
+    -> group-normalised advantages
+    -> old and reference log-probs (no grad)
+    -> mu policy updates with the clipped objective and the KL penalty
+    -> sync the new adapter to the sampler
+
+``train`` wraps it with what a real run needs: accelerate (one or many processes, data parallel),
+the optimiser and schedule, checkpoints and exact resume, metrics, a progress bar and a plot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from grpo.advantages import group_advantages
+from grpo.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from grpo.config import GRPOConfig
+from grpo.loss import policy_loss
+from grpo.metrics import MetricsLogger, length_metrics, plot_metrics, reward_metrics
+from grpo.rollout import Rollout, generate_rollout, sample_prompts, score_rollout
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. several non-finite updates in a row); a checkpoint was written."""
+
+
+@dataclass
+class TrainerState:
+    """Everything besides weights and optimiser that an exact resume needs."""
+
+    step: int = 0  # optimiser steps done
+    data_position: int = 0  # next row of the training stream
+    skipped_updates: int = 0  # non-finite updates skipped so far
+    nonfinite_streak: int = 0  # ... in a row
+
+
+@dataclass
+class Run:
+    """The live objects of a run, passed to each step."""
+
+    config: GRPOConfig
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    sampler: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_data: Any
+    state: TrainerState = field(default_factory=TrainerState)
+
+    @property
+    def trainable_params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+# ============================================================================ the GRPO step
+
+
+def grpo_step(run: Run) -> list[dict[str, float]]:
+    """One iteration of GRPO; returns one metrics record per optimiser step (num_iterations of them)."""
+    cfg, acc, state = run.config, run.accelerator, run.state
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[f"time/{name}"] = now - clock
+        clock = now
+
+    # 1. Sample a batch of prompts (each process its own slice of the stream).
+    prompts_per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    start = state.data_position + acc.process_index * prompts_per_process
+    rows = sample_prompts(run.train_data, start, prompts_per_process)
+    state.data_position += prompts_per_process * acc.num_processes
+
+    # 2. G completions per prompt from the current policy.
+    rollout = generate_rollout(
+        run.sampler, rows, cfg.num_generations, seed=step_seed(cfg.seed, state.step, acc.process_index),
+        pad_id=run.tokenizer.pad_token_id,
+    )
+    batch = {k: v.to(acc.device) for k, v in rollout.batch.items()}
+    loss_mask = batch["completion_mask"]
+    if cfg.mask_truncated_completions:  # a cut-off completion has no honest reward: leave it out
+        loss_mask = loss_mask * (~batch["truncated"]).float()[:, None]
+    lap("generate")
+
+    # 3. Score them: each reward function, then the weighted sum.
+    rewards, rewards_per_func = score_rollout(rollout, cfg.reward_funcs, cfg.reward_weights)
+    lap("score")
+
+    # 4. Group-normalised advantages.
+    advantages = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards).to(acc.device)
+
+    # 5. Old and reference log-probs, no grad. With mu = 1 the sampling policy is the current one,
+    #    so old_logp is logp.detach() inside the loss; the reference is the adapter switched off.
+    old_logp = batched_logprobs(run, batch, reference=False) if cfg.num_iterations > 1 else None
+    ref_logp = batched_logprobs(run, batch, reference=True) if cfg.beta > 0 else None
+    lap("old_ref_logprobs")
+
+    # 6. mu policy updates on this batch of samples.
+    records = []
+    for iteration in range(cfg.num_iterations):
+        update = policy_update(run, batch, loss_mask, advantages, old_logp, ref_logp)
+        lap("policy_update")
+        record = {
+            "step": state.step,
+            "iteration": iteration,
+            **reward_metrics(rewards, rewards_per_func, rollout.columns["db_set"], cfg.num_generations),
+            **length_metrics(batch["completion_lengths"].float(), batch["truncated"]),
+            **update,
+            **timings,
+        }
+        records.append(record)
+
+    # 7. Hand the new adapter to the sampler.
+    run.sampler.update_policy(acc.unwrap_model(run.model))
+    lap("sync")
+    records[-1].update({k: v for k, v in timings.items() if k in ("time/sync",)})
+    records[-1]["sample"] = sample_record(rollout, rewards)
+    return records
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The sampling seed of a step on one process: a pure function of (seed, step, rank).
+
+    Because the samples of step s depend on nothing else, a resumed run draws exactly the samples the
+    uninterrupted run drew.
+    """
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**31 - 1)
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    """Slices of the N completions, ``size`` at a time (the last may be shorter). Example: 5, 2 -> 0:2, 2:4, 4:5."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def trim(batch: dict[str, torch.Tensor], rows: slice, prompt_len: int) -> dict[str, torch.Tensor]:
+    """The rows of a micro-batch, without the padding columns that none of its rows uses.
+
+    Prompts are left-padded, completions right-padded, so the columns to drop are a prefix of the
+    prompt part and a suffix of the completion part. Example: completions of lengths 3 and 1 in a
+    batch padded to T = 8 keep 3 completion columns.
+    """
+    mask = batch["attention_mask"][rows]
+    first = int(mask[:, :prompt_len].any(dim=0).float().argmax()) if prompt_len else 0
+    longest = int(batch["completion_lengths"][rows].max().clamp(min=1))
+    out = {
+        "input_ids": batch["input_ids"][rows, first : prompt_len + longest],
+        "attention_mask": mask[:, first : prompt_len + longest],
+    }
+    for key in ("completion_mask", "sampler_logp"):
+        out[key] = batch[key][rows, :longest]
+    return out
+
+
+def _logprobs(run: Run, micro: dict[str, torch.Tensor], return_entropy: bool = False):
+    from models.forward import completion_logprobs
+
+    return completion_logprobs(
+        run.model,
+        micro["input_ids"],
+        micro["attention_mask"],
+        micro["completion_mask"],
+        temperature=run.config.temperature,
+        backend=run.config.logprob_backend,
+        return_entropy=return_entropy,
+    )
+
+
+def _micro_size(cfg: GRPOConfig) -> int:
+    return cfg.train_micro_batch_size or cfg.per_device_train_batch_size * cfg.num_generations
+
+
+def batched_logprobs(run: Run, batch: dict[str, torch.Tensor], reference: bool) -> torch.Tensor:
+    """Log-probs [N, T] of the completion tokens, no grad, micro-batch by micro-batch.
+
+    reference=True switches the adapter off: the base model is GRPO's reference policy.
+    """
+    from models.policy import reference_model
+
+    n, t = batch["completion_mask"].shape
+    prompt_len = batch["input_ids"].shape[1] - t
+    out = torch.zeros(n, t, device=batch["input_ids"].device)
+    model = run.accelerator.unwrap_model(run.model)
+    with torch.no_grad():
+        for rows in micro_batches(n, _micro_size(run.config)):
+            micro = trim(batch, rows, prompt_len)
+            if reference:
+                with reference_model(model):
+                    logp = _logprobs(run, micro)
+            else:
+                logp = _logprobs(run, micro)
+            out[rows, : logp.shape[1]] = logp
+    return out
+
+
+def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor, full_mask: torch.Tensor) -> float:
+    """Factor that makes the sum of micro-batch losses equal the loss of the whole batch.
+
+    ``grpo`` and ``dr_grpo`` average over sequences -> n_micro / N; ``dapo`` averages over tokens ->
+    tokens_micro / tokens_total. Example: grpo, 2 of 6 sequences -> 1/3.
+    """
+    if loss_type == "dapo":
+        return (micro_mask.sum() / full_mask.sum().clamp(min=1)).item()
+    return micro_mask.shape[0] / full_mask.shape[0]
+
+
+def policy_update(
+    run: Run,
+    batch: dict[str, torch.Tensor],
+    loss_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+) -> dict[str, float]:
+    """One optimiser step of the clipped GRPO objective on the whole batch (micro-batched).
+
+    Gradients of all processes are averaged, clipped at max_grad_norm, and a non-finite update is
+    skipped and counted (several in a row stop the run).
+    """
+    cfg, acc, state = run.config, run.accelerator, run.state
+    n, t = loss_mask.shape
+    prompt_len = batch["input_ids"].shape[1] - t
+    sums: dict[str, float] = {}
+    mismatch_logp = []
+    entropy_sum = entropy_tokens = 0.0
+    for rows in micro_batches(n, _micro_size(cfg)):
+        micro = trim(batch, rows, prompt_len)
+        width = micro["completion_mask"].shape[1]
+        micro_mask = loss_mask[rows, :width]
+        logp, entropy = _logprobs(run, micro, return_entropy=True)
+        loss, metrics = policy_loss(
+            logp,
+            None if old_logp is None else old_logp[rows, :width],
+            None if ref_logp is None else ref_logp[rows, :width],
+            advantages[rows],
+            micro_mask,
+            eps_low=cfg.epsilon,
+            eps_high=cfg.effective_epsilon_high,
+            beta=cfg.beta,
+            kl_estimator=cfg.kl_estimator,
+            loss_type=cfg.loss_type,
+            max_completion_length=cfg.max_completion_length,
+        )
+        weight = micro_batch_weight(cfg.loss_type, micro_mask, loss_mask)
+        acc.backward(loss * weight)
+        for key, value in {"loss": loss.item(), **metrics}.items():
+            sums[key] = sums.get(key, 0.0) + value * weight
+        entropy_sum += (entropy * micro["completion_mask"]).sum().item()
+        entropy_tokens += micro["completion_mask"].sum().item()
+        mismatch_logp.append((rows, logp.detach()))
+
+    average_gradients(run.trainable_params, acc)
+    grad_norm = clip_gradients(run.trainable_params, cfg.max_grad_norm)
+    finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
+    if finite:
+        run.optimizer.step()
+        state.nonfinite_streak = 0
+    else:
+        state.skipped_updates += 1
+        state.nonfinite_streak += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    state.step += 1
+
+    out = {
+        **sums,
+        "clip_ratio": sums["clip_ratio/region"],
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "entropy": entropy_sum / max(entropy_tokens, 1.0),
+        "skipped_updates": state.skipped_updates,
+        **_mismatch(batch, mismatch_logp),
+    }
+    if not finite and state.nonfinite_streak >= cfg.max_nonfinite_updates:
+        raise TrainingError(
+            f"step {state.step}: {state.nonfinite_streak} non-finite updates in a row "
+            f"(loss {sums['loss']}, grad_norm {grad_norm}); lower learning_rate or check the data"
+        )
+    return out
+
+
+def _mismatch(batch: dict[str, torch.Tensor], pieces: list) -> dict[str, float]:
+    """Sampler vs trainer log-probs of the same tokens (first update only: same policy on both sides)."""
+    from models.samplers import sampler_mismatch
+
+    trainer_logp = torch.zeros_like(batch["sampler_logp"])
+    for rows, logp in pieces:
+        trainer_logp[rows, : logp.shape[1]] = logp
+    return sampler_mismatch(batch["sampler_logp"], trainer_logp, batch["completion_mask"])
+
+
+def average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
+    """Data parallel: replace each gradient by its mean over processes (one flat all-reduce).
+
+    We do this by hand instead of wrapping the model in DistributedDataParallel: the policy is called
+    in several ways per step (adapter on, adapter off, hidden states only, generate), and one explicit
+    all-reduce after the backward passes is easier to read and to trust.
+    """
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm (0 = no clipping); return the norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")).item()
+
+
+def sample_record(rollout: Rollout, rewards: torch.Tensor) -> dict[str, Any]:
+    """The first completion of the batch, to print: what the model is actually writing."""
+    row = rollout.rows[0]
+    question = row["prompt"][-1]["content"]
+    return {
+        "question": question[-300:],
+        "answer": row.get("answer"),
+        "db_set": row.get("db_set"),
+        "completion": rollout.completions[0].text,
+        "reward": rewards[0].item(),
+    }
+
+
+# ============================================================================ setup and the run
+
+
+def make_optimizer(cfg: GRPOConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """bitsandbytes 8-bit AdamW (the recipe's; it also runs on CPU) or torch AdamW."""
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    if cfg.optim == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def make_scheduler(cfg: GRPOConfig, optimizer: torch.optim.Optimizer):
+    """Linear warmup over warmup_ratio * max_steps, then cosine / linear decay (or constant)."""
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler_type, cfg.lr_scheduler_type)
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
+        num_training_steps=cfg.max_steps,
+    )
+
+
+def setup(cfg: GRPOConfig) -> Run:
+    """Build everything a run needs, in the order a reader would: process group, model, data, sampler."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from data.mixture import build_train_dataset
+    from models.policy import load_policy
+    from models.samplers import make_sampler
+
+    accelerator = Accelerator()
+    set_seed(cfg.seed)  # the same seed on every process: identical LoRA initialisation everywhere
+    say = accelerator.print
+    say(f"device: {accelerator.device}, processes: {accelerator.num_processes}")
+    model, tokenizer = load_policy(cfg, device=accelerator.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    say(f"model: {cfg.model_name_or_path} ({'4-bit NF4' if cfg.load_in_4bit else '16-bit'}), "
+        f"LoRA r={cfg.lora_r}: {sum(p.numel() for p in trainable):,} trainable parameters")
+    train_data = build_train_dataset(cfg, tokenizer)
+    optimizer = make_optimizer(cfg, trainable)
+    say(f"optimizer: {type(optimizer).__module__}.{type(optimizer).__name__} on {accelerator.device}")
+    scheduler = make_scheduler(cfg, optimizer)
+    # every process samples for its own prompts; only the main one says which sampler it is
+    quiet = contextlib.nullcontext() if accelerator.is_main_process else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        sampler = make_sampler(cfg, model, tokenizer)
+    return Run(cfg, accelerator, model, tokenizer, sampler, optimizer, scheduler, train_data)
+
+
+def train(cfg: GRPOConfig) -> Path:
+    """Run GRPO for cfg.max_steps optimiser steps; returns the folder of the final checkpoint."""
+    return fit(setup(cfg))
+
+
+def fit(run: Run) -> Path:
+    """The outer loop: resume if asked, GRPO steps, metrics, checkpoints, and the plot at the end."""
+    cfg, acc, state = run.config, run.accelerator, run.state
+    output_dir = Path(cfg.output_dir)
+    if cfg.resume_from_checkpoint:
+        path = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
+        saved = load_checkpoint(path, acc.unwrap_model(run.model), run.optimizer, run.scheduler, acc)
+        run.state = state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__})
+        run.sampler.update_policy(acc.unwrap_model(run.model))
+        acc.print(f"resumed from {path} at step {state.step}")
+    logger = MetricsLogger(output_dir, cfg.report_to, resume_step=state.step) if acc.is_main_process else None
+    last_saved = state.step
+
+    def checkpoint() -> Path:
+        nonlocal last_saved
+        last_saved = state.step
+        trainer_state = {**vars(state), "config": cfg.to_dict()}
+        return save_checkpoint(output_dir, state.step, run.model, run.optimizer, run.scheduler, trainer_state, acc)
+
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="GRPO", disable=not acc.is_main_process)
+    try:
+        while state.step < cfg.max_steps:
+            started = time.perf_counter()
+            try:
+                records = grpo_step(run)
+            except TrainingError:
+                checkpoint()
+                raise
+            for record in records:
+                record["step_time"] = (time.perf_counter() - started) / len(records)
+                sample = record.pop("sample", None)
+                if logger is not None:
+                    logger.log(record)
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}")
+                if sample is not None and record["step"] % cfg.logging_steps == 0:
+                    bar.write(format_sample(record["step"], sample))
+            # with num_iterations > 1 a GRPO step makes several optimiser steps: save when one crosses
+            # a multiple of save_steps (between rollouts, so nothing half-used needs saving)
+            if state.step // cfg.save_steps > last_saved // cfg.save_steps or state.step >= cfg.max_steps:
+                checkpoint()
+    finally:
+        bar.close()
+        if logger is not None:
+            logger.close()
+    final = output_dir / f"checkpoint-{last_saved}"
+    if acc.is_main_process:
+        plot = plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
+        print(f"adapter: {final}\nmetrics: {output_dir / 'metrics.jsonl'}\nplot:    {plot}")
+    run.sampler.close()
+    return final
+
+
+def format_sample(step: int, sample: dict[str, Any]) -> str:
+    return (
+        f"--- step {step} sample ({sample['db_set']}, gold {sample['answer']!r}, reward {sample['reward']:.3f})\n"
+        f"{sample['completion'].strip()}\n---"
+    )

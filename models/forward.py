@@ -1,0 +1,163 @@
+"""Log-probabilities of completion tokens from hidden states, never computing the full logits.
+
+A causal LM's forward ends with ``logits = lm_head(hidden)``: [N, L, V] numbers, 151,936 per position
+for Qwen2.5. GRPO needs one of them per completion token (the sampled one, after log-softmax). So we
+stop the model one step early: the decoder body gives the final hidden states [N, L, H], we keep only
+the positions that predict a completion token, and ``grpo.logprobs.token_logprobs`` turns
+(hidden [M, H], lm_head weight [V, H], targets [M]) into log-probs [M] without holding [M, V].
+
+Row layout (one row per completion, N rows)::
+
+    [ pad pad p0 p1 p2 | c0 c1 c2 pad ]      input_ids      [N, L], L = P + T
+    [  0   0  1  1  1  |  1  1  1  0  ]      attention_mask [N, L]
+                       [  1  1  1  0  ]      completion_mask [N, T]
+
+The prompt is left-padded (as it was for generation), the completion right-padded. The hidden state at
+position t predicts the token at t + 1, so completion token c_j (position P + j) is scored by the hidden
+state at P + j - 1: the last prompt token scores c0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from grpo.logprobs import token_logprobs
+
+
+def _unwrap(model):
+    """The ``*ForCausalLM`` inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_body(model):
+    """The transformer without its lm_head (``Qwen2Model`` inside ``Qwen2ForCausalLM``).
+
+    LoRA layers are injected into its modules, so calling it still applies the adapter (and
+    ``disable_adapter`` still switches it off).
+    """
+    causal_lm = _unwrap(model)
+    return getattr(causal_lm, causal_lm.base_model_prefix)
+
+
+def lm_head_weight(model) -> Tensor:
+    """The output projection weight [V, H] (tied to the input embedding in Qwen2.5-3B)."""
+    head = _unwrap(model).get_output_embeddings()
+    weight = head.weight
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("lm_head has a bias; the hidden-state log-prob path assumes logits = hidden @ W.T")
+    if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"lm_head weight must be an unquantised [V, H] matrix, got {weight.dtype} {tuple(weight.shape)}"
+        )
+    return weight
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding: the first real token is at 0, as ``generate`` numbers them.
+
+    >>> position_ids_from_mask(torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]))
+    tensor([[0, 0, 0, 1, 2, 2],
+            [0, 1, 2, 3, 4, 5]])
+
+    (Pad positions get a harmless value: they are masked out of attention and out of the loss.)
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_hidden_states(
+    model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Final hidden states at the positions that predict a real completion token.
+
+    Args:
+        input_ids: [N, L] = [left-padded prompt | right-padded completion].
+        attention_mask: [N, L], 1 on real tokens.
+        completion_mask: [N, T], 1 on real completion tokens (T < L).
+
+    Returns:
+        hidden: [M, H] with M = completion_mask.sum(), in row-major order of completion_mask;
+        targets: [M] the completion tokens those states predict.
+    """
+    _check_shapes(input_ids, attention_mask, completion_mask)
+    num_completion = completion_mask.shape[1]
+    out = decoder_body(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    # position t - 1 predicts token t: the states at [L - T - 1, L - 1) score the last T tokens
+    hidden = out.last_hidden_state[:, -num_completion - 1 : -1]  # [N, T, H]
+    keep = completion_mask.bool()
+    return hidden[keep], input_ids[:, -num_completion:][keep]
+
+
+def completion_logprobs(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """log pi(c_t | prompt, c_<t) for every completion token, with the logits divided by `temperature`.
+
+    Args:
+        model: the policy (a PeftModel; inside ``reference_model(model)`` this is the reference),
+            or a plain ``*ForCausalLM``.
+        input_ids: [N, L] LongTensor, each row [left-padded prompt | right-padded completion];
+            the completion occupies the last T positions.
+        attention_mask: [N, L], 1 on real prompt and completion tokens.
+        completion_mask: [N, T], 1.0 on real completion tokens (from lengths: pad may equal EOS).
+        temperature: the sampling temperature, so these are the probabilities the sampler used.
+        backend: token_logprobs backend ("auto", "torch", "triton", "naive").
+        return_entropy: also return the per-token entropy [N, T] (detached, 0 where masked).
+
+    Returns:
+        logp: [N, T] float32, 0.0 where completion_mask is 0; differentiable w.r.t. the LoRA weights.
+
+    Example: a prompt [5, 6] (left-padded to 3) and completion [7, 8] give row
+    input_ids [pad, 5, 6, 7, 8], completion_mask [1, 1]: logp[0, 0] scores 7 from the state at 6,
+    logp[0, 1] scores 8 from the state at 7.
+    """
+    hidden, targets = completion_hidden_states(model, input_ids, attention_mask, completion_mask)
+    weight = lm_head_weight(model)
+    result = token_logprobs(
+        hidden.to(weight.dtype), weight, targets, temperature, backend, return_entropy=return_entropy
+    )
+    keep = completion_mask.bool()
+    if return_entropy:
+        logp, entropy = result
+        return _scatter(logp, keep), _scatter(entropy, keep)
+    return _scatter(result, keep)
+
+
+def _scatter(values: Tensor, keep: Tensor) -> Tensor:
+    """Put the [M] values back at the True places of `keep` [N, T]; zeros elsewhere (differentiable)."""
+    return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
+
+
+def _check_shapes(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [N, L], got shape {tuple(input_ids.shape)}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
+        )
+    n, length = input_ids.shape
+    if (
+        completion_mask.dim() != 2
+        or completion_mask.shape[0] != n
+        or not 0 < completion_mask.shape[1] < length
+    ):
+        raise ValueError(
+            f"completion_mask must be [N={n}, T] with 0 < T < L={length} (a prompt token must precede the "
+            f"completion), got shape {tuple(completion_mask.shape)}"
+        )
+    tail = attention_mask[:, -completion_mask.shape[1] :].bool()
+    if (completion_mask.bool() & ~tail).any():
+        raise ValueError(
+            "completion_mask is 1 where attention_mask is 0: completion tokens must be attended to"
+        )

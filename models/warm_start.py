@@ -1,0 +1,111 @@
+"""A short supervised warm start ("cold start") for the tiny model, so GRPO has something to work with.
+
+A random model writes noise: every completion earns reward 0, every group has zero variance, and
+GRPO gets no gradient at all. Qwen2.5-3B-Instruct does not have this problem because it was
+instruction-tuned before we start. The tiny model gets the same head start in miniature, like
+DeepSeek-R1's cold start: a few supervised steps on formatted examples of the training prompts,
+
+    <reasoning>
+    {one short sentence}
+    </reasoning>
+    <answer>
+    {gold answer}
+    </answer>
+
+trained into the full (16-bit) weights before the model is saved. The result is the *base* that
+``load_policy`` then loads in 4-bit under a fresh LoRA, and GRPO's reference is this base. It is
+deliberately short (``WARM_START_STEPS``): the model comes out of it knowing roughly what the answer
+format looks like and right sometimes, and GRPO has to do the rest.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+WARM_START_STEPS = 60
+WARM_START_BATCH = 16
+WARM_START_LR = 3e-3
+WARM_START_SEED = 0
+
+REASONING = {
+    "gsm8k": "I work out the number from the question.",
+    "pubmedqa": "I weigh what the context reports.",
+    "med_mc": "I compare the four options.",
+}
+
+
+def formatted_completion(answer: str, db_set: str) -> str:
+    """The target text for one row: the recipe's XML layout around the gold answer.
+
+    Example: ("yes", "pubmedqa") -> "<reasoning>\\nI weigh what the context reports.\\n</reasoning>\\n"
+    "<answer>\\nyes\\n</answer>\\n".
+    """
+    return f"<reasoning>\n{REASONING.get(db_set, 'I think.')}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
+
+
+def supervised_batch(tokenizer, rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-padded [prompt | completion <|im_end|>] rows; labels are -100 except on the completion."""
+    sequences, labels = [], []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        target = formatted_completion(row["answer"], row["db_set"])
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        sequences.append(prompt_ids + target_ids)
+        labels.append([-100] * len(prompt_ids) + target_ids)
+    width = max(len(s) for s in sequences)
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in sequences]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences]),
+        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+    }
+
+
+def warm_start(
+    model,
+    tokenizer,
+    rows: list[dict],
+    steps: int = WARM_START_STEPS,
+    batch_size: int = WARM_START_BATCH,
+    lr: float = WARM_START_LR,
+    seed: int = WARM_START_SEED,
+) -> list[float]:
+    """Train ``model`` (all weights, in place) on formatted examples of ``rows``; return the losses.
+
+    rows: dataset rows with ``prompt`` (chat), ``answer`` and ``db_set``. Deterministic for a seed.
+    """
+    if not rows:
+        raise ValueError("warm_start needs at least one row")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        batch = supervised_batch(tokenizer, rng.sample(rows, min(batch_size, len(rows))))
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def fixture_rows() -> list[dict]:
+    """The training rows of the bundled fixtures (data/fixtures), all three sources, eval rows excluded."""
+    from pathlib import Path
+
+    from data import gsm8k, health_benchmarks, pubmedqa
+
+    fixtures = Path(__file__).resolve().parents[1] / "data" / "fixtures"
+    sources = [
+        gsm8k.load("train", str(fixtures / "gsm8k_{split}.jsonl")),
+        pubmedqa.load("train", str(fixtures / "pubmedqa_{split}.jsonl")),
+        health_benchmarks.load("train", str(fixtures / "health_benchmarks_*.jsonl")),
+    ]
+    return [row for ds in sources for row in ds]

@@ -1,0 +1,252 @@
+"""The GRPO loop end to end on the tiny model (CPU): metrics, checkpoints, exact resume, SIGKILL,
+non-finite updates, data parallel under accelerate, and the CLI's config errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo.config import load_config
+from grpo.loss import policy_loss, sequence_mask
+from grpo.metrics import read_metrics
+from grpo.trainer import micro_batch_weight, micro_batches, step_seed, trim
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "data" / "fixtures"
+
+# A small, fast run: 2 prompts x 4 completions of <= 16 tokens per step.
+TINY_ARGS = [
+    "--model_name_or_path", "tiny-qwen2-instruct",
+    "--gsm8k_data_files", str(FIXTURES / "gsm8k_{split}.jsonl"),
+    "--pubmedqa_data_files", str(FIXTURES / "pubmedqa_{split}.jsonl"),
+    "--health_benchmarks_data_files", str(FIXTURES / "health_benchmarks_*.jsonl"),
+    "--dtype", "fp32", "--sampler", "hf", "--gradient_checkpointing", "false",
+    "--lora_r", "8", "--lora_alpha", "16",
+    "--num_generations", "4", "--per_device_train_batch_size", "2",
+    "--max_prompt_length", "256", "--max_completion_length", "16",
+    "--learning_rate", "1e-3", "--max_grad_norm", "1.0", "--warmup_ratio", "0.0",
+    "--max_steps", "4", "--save_steps", "2", "--seed", "7",
+]  # fmt: skip
+
+
+def tiny_config(output_dir, *extra):
+    return load_config([*TINY_ARGS, "--output_dir", str(output_dir), *extra])
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_micro_batches_sum_to_the_full_batch_loss(loss_type):
+    torch.manual_seed(0)
+    n, t = 6, 5
+    mask = sequence_mask(torch.tensor([5, 1, 3, 4, 2, 5]), t)
+    adv = torch.randn(n)
+    old = -torch.rand(n, t)
+    logp = old + 0.1 * torch.randn(n, t)
+    kw = dict(beta=0.04, loss_type=loss_type, max_completion_length=t)
+    full, _ = policy_loss(logp, old, old - 0.2, adv, mask, **kw)
+    total = 0.0
+    for rows in micro_batches(n, 4):  # 4 + 2: unequal micro-batches
+        part, _ = policy_loss(logp[rows], old[rows], old[rows] - 0.2, adv[rows], mask[rows], **kw)
+        total += part * micro_batch_weight(loss_type, mask[rows], mask)
+    torch.testing.assert_close(total, full)
+
+
+def test_micro_batches_and_step_seed():
+    assert micro_batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert step_seed(1, 2, 0) == step_seed(1, 2, 0)
+    assert len({step_seed(1, s, r) for s in range(50) for r in range(4)}) == 200
+
+
+def test_trim_drops_only_unused_padding():
+    # prompts [5, 6] and [7] left-padded to 3; completions of lengths 2 and 1 right-padded to 4
+    batch = {
+        "input_ids": torch.tensor([[0, 5, 6, 8, 9, 0, 0], [0, 0, 7, 4, 0, 0, 0]]),
+        "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0, 0]]),
+        "completion_mask": torch.tensor([[1.0, 1, 0, 0], [1, 0, 0, 0]]),
+        "completion_lengths": torch.tensor([2, 1]),
+        "sampler_logp": torch.zeros(2, 4),
+    }
+    both = trim(batch, slice(0, 2), prompt_len=3)
+    assert both["input_ids"].tolist() == [[5, 6, 8, 9], [0, 7, 4, 0]]
+    assert both["completion_mask"].shape == (2, 2)
+    second = trim(batch, slice(1, 2), prompt_len=3)
+    assert second["input_ids"].tolist() == [[7, 4]]
+    assert second["attention_mask"].tolist() == [[1, 1]]
+
+
+# ----------------------------------------------------------------------------- a real run
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted 4-step run, shared by the tests below."""
+    from grpo.trainer import train
+
+    out = tmp_path_factory.mktemp("run")
+    final = train(tiny_config(out))
+    return out, final
+
+
+REQUIRED = [
+    "step", "loss", "reward", "reward_std", "kl", "clip_ratio", "completion_length",
+    "frac_reward_zero_std", "lr", "grad_norm", "step_time", "entropy",
+    "mismatch/logp_abs_diff", "mismatch/seq_ratio_mean", "completions/clipped_ratio",
+] + [f"rewards/{name}/mean" for name in (
+    "xmlcount_reward_func", "soft_format_reward_func", "strict_format_reward_func",
+    "int_reward_func", "correctness_reward_func",
+)]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_run_writes_metrics_checkpoints_and_plot(finished_run):
+    out, final = finished_run
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for record in records:
+        missing = [k for k in REQUIRED if k not in record]
+        assert not missing, missing
+        assert any(k.startswith("reward/") for k in record)
+        assert any(k.startswith("accuracy/") for k in record)
+        # the weighted total is the sum of the five unweighted means (weights 1.0)
+        parts = sum(record[f"rewards/{k}/mean"] for k in (
+            "xmlcount_reward_func", "soft_format_reward_func", "strict_format_reward_func",
+            "int_reward_func", "correctness_reward_func"))  # fmt: skip
+        assert record["reward"] == pytest.approx(parts, abs=1e-5)
+        assert 0 <= record["clip_ratio"] <= 1 and record["kl"] >= 0
+    # the trainer's log-probs are those the HF sampler drew with (same model, same kernels)
+    assert records[0]["mismatch/logp_abs_diff"] < 1e-3
+    assert final == out / "checkpoint-4"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "metrics.png").stat().st_size > 10_000
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["data_position"] == 8 and state["config"]["seed"] == 7
+
+
+@pytest.mark.slow
+def test_checkpoint_is_a_peft_adapter_and_training_changed_it(finished_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from models.policy import resolve_model_path
+
+    out, final = finished_run
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-qwen2-instruct"))
+    model = PeftModel.from_pretrained(base, str(final))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at 0: GRPO moved it
+
+
+def _copy_until(src, dst, step):
+    """A run directory as a kill right after checkpoint-<step> would have left it."""
+    shutil.copytree(src / f"checkpoint-{step}", dst / f"checkpoint-{step}")
+    lines = (src / "metrics.jsonl").read_text().splitlines()
+    # the killed run had also logged the next step, and half a line: both must be dropped on resume
+    (dst / "metrics.jsonl").write_text("\n".join(lines[: step + 1]) + '\n{"step": 9, "lo')
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(finished_run, tmp_path):
+    from grpo.trainer import train
+
+    out, _ = finished_run
+    _copy_until(out, tmp_path, 2)
+    train(tiny_config(tmp_path, "--resume_from_checkpoint", "latest"))
+    full, resumed = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full[2:], resumed[2:]):
+        assert (a["loss"], a["reward"], a["kl"], a["grad_norm"]) == (b["loss"], b["reward"], b["kl"], b["grad_norm"])
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    return [sys.executable, str(ROOT / "scripts" / "train.py"), *args], dict(env=env, cwd=ROOT, **kw)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_from_the_last_whole_checkpoint(finished_run, tmp_path):
+    out, _ = finished_run
+    cmd, kw = _cli(*TINY_ARGS, "--output_dir", str(tmp_path), "--save_steps", "1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoint-2").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # at whatever point of step 3 (or of saving it) it has reached
+    proc.wait()
+    assert (tmp_path / "checkpoint-2" / "trainer_state.json").is_file()
+    # a half-written save looks like this; it must be ignored and cleaned up
+    (tmp_path / "checkpoint-3.tmp").mkdir(exist_ok=True)
+    cmd, kw = _cli(*TINY_ARGS, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest")
+    result = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert result.returncode == 0, result.stderr[-2000:]
+    full, resumed = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert [r["reward"] for r in resumed] == [r["reward"] for r in full]
+    assert not (tmp_path / "checkpoint-3.tmp").exists()
+
+
+@pytest.mark.slow
+def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    import grpo.trainer as trainer
+
+    real = trainer.policy_loss
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(trainer, "policy_loss", poisoned)
+    cfg = tiny_config(tmp_path, "--max_nonfinite_updates", "2", "--max_steps", "5")
+    with pytest.raises(trainer.TrainingError, match="2 non-finite updates in a row"):
+        trainer.train(cfg)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["skipped_updates"] for r in records] == [1]  # the second one raised before logging
+    assert (tmp_path / "checkpoint-2" / "trainer_state.json").is_file()
+    # the adapter was never updated: B is still exactly zero
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "checkpoint-2" / "adapter_model.safetensors"))
+    assert all(v.abs().sum() == 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_cli_rejects_bad_config_before_loading_anything():
+    cmd, kw = _cli("--num_generations", "1", "--model_name_or_path", "/nonexistent")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "config error: num_generations=1: must be >= 2 (a group needs two completions to compare)"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_end_with_identical_adapters(tmp_path):
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "tests" / "_ddp_train.py"), *TINY_ARGS, "--max_steps", "2",
+        "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"adapter_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]
+    # each rank read its own prompts: 2 steps x 2 ranks x 2 prompts
+    assert ranks[0]["data_position"] == 8
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    # the adapter moved (non-zero gradients were averaged, not lost)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "checkpoint-2" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
