@@ -1,0 +1,376 @@
+"""grpo.logprobs: values, gradients and entropy of every backend against a float64 reference.
+
+The Triton kernels run natively on CUDA and, without a GPU, under Triton's CPU interpreter. Triton
+only turns the interpreter on when TRITON_INTERPRET=1 is set before it is first imported, and other
+test modules (peft, transformers, bitsandbytes) import triton at collection time, so on a CPU machine
+`test_kernel_cases_under_cpu_interpreter_in_subprocess` re-runs this file's triton cases in a child pytest with
+that variable set; in this process those cases skip, pointing to that test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from grpo.logprobs import token_entropy, token_logprobs
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BACKENDS = ["naive", "torch", "triton"]
+
+# Stated tolerances. float32: tight. bf16: the naive and torch backends round the logits to bf16
+# (8 significant bits) before the float32 softmax, so with |logits / T| <~ 6 a logit is off by up to
+# ~0.02 and a log-prob by a few of those; gradients are returned in bf16 (2^-8 relative).
+TOL = {
+    torch.float32: {"logp_atol": 1e-4, "grad_rel": 1e-4},
+    torch.bfloat16: {"logp_atol": 6e-2, "grad_rel": 3e-2},
+    torch.float16: {"logp_atol": 1e-2, "grad_rel": 5e-3},
+}
+
+
+def _interpreter_active() -> bool:
+    try:
+        from grpo.kernels.logprobs_triton import interpreter_active
+    except ImportError:  # triton not installed
+        return False
+    return interpreter_active()
+
+
+def _skip_unless_runnable(backend: str, device: str) -> None:
+    if backend != "triton":
+        return
+    pytest.importorskip("triton")
+    if device == "cpu" and not _interpreter_active():
+        pytest.skip(
+            "CPU triton cases run in test_kernel_cases_under_cpu_interpreter_in_subprocess (TRITON_INTERPRET=1)"
+        )
+
+
+def _reference(hidden, weight, targets, temperature):
+    """float64 log-probs and entropy from the (already rounded) inputs: the independent reference."""
+    logits = hidden.double() @ weight.double().T / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logp = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logp, entropy
+
+
+def _make_inputs(num_tokens, hidden_size, vocab, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_tokens, hidden_size, generator=gen)
+    # weight ~ N(0, 2 / H): logits of order 1, like a trained lm_head, with a few confident tokens.
+    weight = torch.randn(vocab, hidden_size, generator=gen) * math.sqrt(2.0 / hidden_size)
+    targets = torch.randint(0, vocab, (num_tokens,), generator=gen)
+    grad_out = torch.randn(num_tokens, generator=gen)
+    return hidden.to(device, dtype), weight.to(device, dtype), targets.to(device), grad_out.to(device)
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hand-worked values
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hand_worked_example(backend):
+    """V = 3, weight = identity, so the logits are the hidden state itself.
+
+    logits = [0, 0, 1], T = 1: p = [1, 1, e] / (2 + e), logp[target 2] = 1 - log(2 + e) = -0.55144.
+    d logp / d hidden = onehot - p = [-1/(2+e), -1/(2+e), 2/(2+e)] = [-0.21194, -0.21194, 0.42388].
+    T = 2: logits/T = [0, 0, 0.5], logp = 0.5 - log(2 + e^0.5) = -0.86301,
+    gradient = (onehot - p) / T with p = [1, 1, e^0.5] / (2 + e^0.5).
+    """
+    _skip_unless_runnable(backend, "cpu")
+    weight = torch.eye(3)
+    targets = torch.tensor([2])
+    hidden = torch.tensor([[0.0, 0.0, 1.0]], requires_grad=True)
+    logp = token_logprobs(hidden, weight, targets, backend=backend)
+    logp.sum().backward()
+    e = math.e
+    assert logp.dtype == torch.float32
+    assert logp.item() == pytest.approx(1 - math.log(2 + e), abs=1e-6)
+    expected_grad = torch.tensor([[-1 / (2 + e), -1 / (2 + e), 2 / (2 + e)]])
+    torch.testing.assert_close(hidden.grad, expected_grad, atol=1e-6, rtol=0)
+
+    hidden2 = torch.tensor([[0.0, 0.0, 1.0]], requires_grad=True)
+    logp2 = token_logprobs(hidden2, weight, targets, temperature=2.0, backend=backend)
+    logp2.sum().backward()
+    s = 2 + math.exp(0.5)
+    assert logp2.item() == pytest.approx(0.5 - math.log(s), abs=1e-6)
+    expected_grad2 = torch.tensor([[-1 / s, -1 / s, 1 - math.exp(0.5) / s]]) / 2
+    torch.testing.assert_close(hidden2.grad, expected_grad2, atol=1e-6, rtol=0)
+
+
+def test_entropy_hand_worked():
+    """Logits [1, 1, -30]: two equal tokens and one negligible, entropy = log 2 to ~1e-12."""
+    hidden = torch.tensor([[1.0, 1.0, -30.0], [0.0, 0.0, 0.0]])
+    entropy = token_entropy(hidden, torch.eye(3), backend="torch")
+    torch.testing.assert_close(entropy, torch.tensor([math.log(2), math.log(3)]), atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Against the float64 reference: every backend, odd shapes, temperature, dtypes, weight grad on/off
+# ----------------------------------------------------------------------------------------------------
+
+# (M, H, V): M = 1; M = 37 (not a multiple of the chunk of 16 nor of the 16-row tile);
+# H = 40 (not a power of two nor a multiple of the 32-wide K tile); V = 300 (not a multiple of 64).
+SHAPES = [(1, 40, 300), (37, 40, 300)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-H{}-V{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen_W", "trained_W"])
+def test_values_and_gradients_match_float64_reference(device, backend, shape, dtype, weight_grad):
+    _skip_unless_runnable(backend, device)
+    num_tokens, hidden_size, vocab = shape
+    temperature = 0.7
+    hidden, weight, targets, grad_out = _make_inputs(num_tokens, hidden_size, vocab, dtype, device)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(weight_grad)
+
+    logp, entropy = token_logprobs(
+        hidden, weight, targets, temperature, backend, chunk_size=16, return_entropy=True
+    )
+    (logp * grad_out).sum().backward()
+
+    hidden64 = hidden.detach().double().requires_grad_(True)
+    weight64 = weight.detach().double().requires_grad_(True)
+    ref_logp, ref_entropy = _reference(hidden64, weight64, targets, temperature)
+    (ref_logp * grad_out.double()).sum().backward()
+
+    tol = TOL[dtype]
+    assert logp.shape == (num_tokens,) and logp.dtype == torch.float32
+    assert (logp.double() - ref_logp.detach()).abs().max().item() < tol["logp_atol"]
+    assert (entropy.double() - ref_entropy.detach()).abs().max().item() < tol["logp_atol"]
+    assert entropy.grad_fn is None
+    assert hidden.grad.dtype == dtype and hidden.grad.shape == hidden.shape
+    assert _rel_err(hidden.grad, hidden64.grad) < tol["grad_rel"]
+    if weight_grad:
+        assert weight.grad.dtype == dtype
+        assert _rel_err(weight.grad, weight64.grad) < tol["grad_rel"]
+    else:
+        assert weight.grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float16_and_temperature_one(device, backend):
+    _skip_unless_runnable(backend, device)
+    hidden, weight, targets, grad_out = _make_inputs(20, 48, 257, torch.float16, device, seed=3)
+    hidden.requires_grad_(True)
+    logp = token_logprobs(hidden, weight, targets, 1.0, backend, chunk_size=7)
+    (logp * grad_out).sum().backward()
+    hidden64 = hidden.detach().double().requires_grad_(True)
+    ref_logp, _ = _reference(hidden64, weight.double(), targets, 1.0)
+    (ref_logp * grad_out.double()).sum().backward()
+    assert (logp.double() - ref_logp.detach()).abs().max().item() < TOL[torch.float16]["logp_atol"]
+    assert _rel_err(hidden.grad, hidden64.grad) < TOL[torch.float16]["grad_rel"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_matches_reference_and_logprobs_entropy(device, backend):
+    _skip_unless_runnable(backend, device)
+    hidden, weight, targets, _ = _make_inputs(23, 40, 300, torch.float32, device, seed=1)
+    # Sharpen a few rows so the entropy spans near-zero to near-log(V).
+    hidden[:5] *= 20.0
+    entropy = token_entropy(hidden, weight, temperature=1.3, backend=backend, chunk_size=8)
+    _, ref_entropy = _reference(hidden, weight, targets, 1.3)
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=2e-4, rtol=0)
+    _, entropy_from_logp = token_logprobs(
+        hidden, weight, targets, 1.3, backend, chunk_size=8, return_entropy=True
+    )
+    torch.testing.assert_close(entropy_from_logp, entropy, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_grad_path_equals_grad_path(backend):
+    """Under no_grad (old / reference log-probs) nothing is saved and the values are the same."""
+    _skip_unless_runnable(backend, "cpu")
+    # V = 200 with 64-wide tiles cut in 3 vocabulary slices of 128: the last slice is empty.
+    hidden, weight, targets, _ = _make_inputs(19, 40, 200, torch.float32, "cpu", seed=2)
+    with torch.no_grad():
+        frozen = token_logprobs(hidden.requires_grad_(True), weight, targets, 0.9, backend, chunk_size=5)
+    assert frozen.grad_fn is None
+    tracked = token_logprobs(hidden, weight, targets, 0.9, backend, chunk_size=5)
+    assert tracked.grad_fn is not None
+    torch.testing.assert_close(frozen, tracked.detach(), atol=1e-6, rtol=0)
+    ref_logp, _ = _reference(hidden.detach(), weight, targets, 0.9)
+    torch.testing.assert_close(frozen.double(), ref_logp, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 16, 1000])
+def test_torch_backend_any_chunk_size(chunk_size):
+    hidden, weight, targets, grad_out = _make_inputs(16, 24, 130, torch.float32, "cpu", seed=4)
+    hidden.requires_grad_(True)
+    logp = token_logprobs(hidden, weight, targets, 0.8, "torch", chunk_size=chunk_size)
+    (logp * grad_out).sum().backward()
+    hidden64 = hidden.detach().double().requires_grad_(True)
+    ref_logp, _ = _reference(hidden64, weight, targets, 0.8)
+    (ref_logp * grad_out.double()).sum().backward()
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), atol=1e-5, rtol=0)
+    assert _rel_err(hidden.grad, hidden64.grad) < 1e-5
+
+
+def test_gradcheck_torch_backend_float64():
+    """torch.autograd.gradcheck (finite differences) on both gradient paths of the chunked Function."""
+    hidden, weight, targets, _ = _make_inputs(5, 6, 11, torch.float64, "cpu", seed=5)
+    hidden.requires_grad_(True)
+    # Frozen weight: the gradient is computed in the forward.
+    assert torch.autograd.gradcheck(
+        lambda h: token_logprobs(h, weight, targets, 0.6, "torch", chunk_size=2), (hidden,)
+    )
+    # Trained weight: lse saved, chunks recomputed in the backward.
+    weight.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda h, w: token_logprobs(h, w, targets, 0.6, "torch", chunk_size=2), (hidden, weight)
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: the torch backend never allocates an [M, V] tensor (and the probe does see the naive one)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _storages(tree) -> set[int]:
+    leaves = torch.utils._pytree.tree_leaves(tree)
+    return {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+
+
+class _LargestTensorProbe(TorchDispatchMode):
+    """Records the largest new tensor any aten op returns while active (forward and backward).
+
+    Views and in-place results share an input's storage and allocate nothing, so they are skipped.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = _storages((args, kwargs))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def _saved_numel_besides_inputs(fn, inputs):
+    """Total elements autograd saves for backward, not counting the inputs themselves."""
+    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
+    saved = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in input_ptrs:
+            saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen_W", "trained_W"])
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_torch_backend_never_holds_M_by_V(backend, weight_grad):
+    num_tokens, hidden_size, vocab, chunk = 256, 32, 2000, 16
+    hidden, weight, targets, grad_out = _make_inputs(
+        num_tokens, hidden_size, vocab, torch.float32, "cpu", seed=6
+    )
+    hidden.requires_grad_(True)
+    weight.requires_grad_(weight_grad)
+    full = num_tokens * vocab
+    with _LargestTensorProbe() as probe:
+        logp, saved = _saved_numel_besides_inputs(
+            lambda: token_logprobs(hidden, weight, targets, 0.9, backend, chunk_size=chunk),
+            [hidden, weight, targets],
+        )
+        (logp * grad_out).sum().backward()
+    if backend == "naive":  # the probe can fail: it sees the reference's [M, V] logits and saved softmax
+        assert probe.largest >= full and saved >= full
+        return
+    # Largest allocation: one [chunk, V] buffer, or d_weight [V, H] itself when W is trained.
+    assert probe.largest == max(chunk * vocab, vocab * hidden_size if weight_grad else 0)
+    assert probe.largest < full // 4
+    # Saved for backward: lse [M] (recompute), or d logp / d hidden [M, H] (frozen W: gradient in forward).
+    assert saved == (num_tokens if weight_grad else num_tokens * hidden_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    hidden, weight, targets, _ = _make_inputs(4, 8, 10, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'.*auto, torch, triton, naive"):
+        token_logprobs(hidden, weight, targets, backend="cuda")
+    with pytest.raises(ValueError, match="disagree on H"):
+        token_logprobs(hidden, weight[:, :5], targets)
+    with pytest.raises(ValueError, match="length M = 4"):
+        token_logprobs(hidden, weight, targets[:3])
+    with pytest.raises(ValueError, match=r"token ids in \[0, V = 10\).*\[-100, "):
+        token_logprobs(hidden, weight, torch.tensor([1, 2, -100, 3]))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        token_logprobs(hidden, weight, targets, temperature=0.0)
+    with pytest.raises(ValueError, match="same dtype"):
+        token_logprobs(hidden, weight.double(), targets)
+    with pytest.raises(ValueError, match="integer token ids"):
+        token_logprobs(hidden, weight, targets.float())
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_logprobs(hidden, weight, targets, chunk_size=0)
+
+
+def test_auto_backend_and_cpu_error_without_interpreter():
+    hidden, weight, targets, _ = _make_inputs(4, 8, 10, torch.float32, "cpu")
+    auto = token_logprobs(hidden, weight, targets, backend="auto")
+    torch.testing.assert_close(auto, token_logprobs(hidden, weight, targets, backend="torch"))
+    pytest.importorskip("triton")
+    if _interpreter_active():
+        pytest.skip("the interpreter is on here, so triton does run on CPU tensors")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        token_logprobs(hidden, weight, targets, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The triton cases on CPU: a child pytest with TRITON_INTERPRET=1 set before triton is imported
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kernel_cases_under_cpu_interpreter_in_subprocess():
+    pytest.importorskip("triton")
+    if _interpreter_active():
+        pytest.skip("the interpreter is already on in this process: the triton cases ran directly")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        __file__,
+        "-k",
+        "triton and not cuda",
+    ]
+    child = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else child.stderr[-2000:]
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    # Every selected case must have run: hand-worked, 8 reference cases, fp16, entropy, no-grad.
+    passed = int(summary.split(" passed")[0].split()[-1])
+    assert passed >= 12 and "skipped" not in summary, summary
