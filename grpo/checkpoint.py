@@ -33,8 +33,19 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found) if (p / TRAINER_STATE).is_file()]
+
+
+def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the ``checkpoint-<step>.tmp`` folders a killed save left behind; return what was removed."""
+    root = Path(output_dir)
+    stale = sorted(root.glob("checkpoint-*.tmp")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Path:
@@ -46,7 +57,9 @@ def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Path:
         return found[-1]
     path = Path(spec)
     if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"resume_from_checkpoint={spec!r}: not a checkpoint folder (no {TRAINER_STATE})")
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={spec!r}: not a checkpoint folder (no {TRAINER_STATE})"
+        )
     return path
 
 

@@ -160,6 +160,7 @@ class GRPOConfig:
     logging_steps: int = _f(1, "Print a sample completion every this many steps.")
     save_steps: int = _f(100, "Write a checkpoint every this many steps.")
     eval_steps: int = _f(0, "Score a small fixed evaluation subset every this many steps (0 = off).")
+    eval_size: int = _f(16, "Prompts per evaluation source in the eval_steps subset.")
     report_to: str = _f("none", "Extra metric sink.", choices=["none", "tensorboard"])
     resume_from_checkpoint: Optional[str] = _f(
         None, "A checkpoint folder, or 'latest' for the newest in output_dir."
@@ -237,6 +238,7 @@ def validate(cfg: GRPOConfig) -> None:
         "lora_alpha",
         "pubmedqa_max_context_chars",
         "max_nonfinite_updates",
+        "eval_size",
     ):
         need(getattr(cfg, name) > 0, name, "must be > 0")
     need(cfg.eval_steps >= 0, "eval_steps", "must be >= 0 (0 = off)")

@@ -119,10 +119,10 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    steps = [r["step"] for r in records]
 
-    def series(key):
-        return [r.get(key, float("nan")) for r in records]
+    def series(key):  # only the steps that logged the key (eval/* comes every eval_steps)
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in points], [p[1] for p in points]
 
     keys = sorted({k for r in records for k in r})
     panels = [
@@ -132,9 +132,12 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
         ("KL to reference", ["kl"]),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for ax, (title, names) in zip(axes.flat, panels):
+    for ax, (title, names) in zip(axes.flat, panels, strict=True):
         for name in names:
-            ax.plot(steps, series(name), label=name.replace("rewards/", "").replace("/mean", ""))
+            xs, ys = series(name)
+            sparse = len(xs) < len(records)  # evaluation points: mark them
+            label = name.replace("rewards/", "").replace("/mean", "")
+            ax.plot(xs, ys, label=label, marker="o" if sparse else None, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("step")
         if names:

@@ -6,8 +6,9 @@ the model only appears behind the sampler.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -50,7 +51,9 @@ def generate_rollout(sampler: Sampler, rows: list[dict], group_size: int, seed: 
     prompt_ids = sampler.encode([row["prompt"] for row in rows])  # chat template applied once, here
     completions = sampler.generate(prompt_ids, group_size, seed=seed)
     batch = collate(prompt_ids, completions, pad_id)
-    columns = {key: [row[key] for row in rows for _ in range(group_size)] for key in rows[0] if key != "prompt"}
+    columns = {
+        key: [row[key] for row in rows for _ in range(group_size)] for key in rows[0] if key != "prompt"
+    }
     return Rollout(rows=rows, completions=completions, batch=batch, columns=columns)
 
 

@@ -26,8 +26,14 @@ import torch
 from tqdm.auto import tqdm
 
 from grpo.advantages import group_advantages
-from grpo.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from grpo.checkpoint import (
+    load_checkpoint,
+    remove_incomplete_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from grpo.config import GRPOConfig
+from grpo.evaluation import eval_subset, evaluate_rows
 from grpo.loss import policy_loss
 from grpo.metrics import MetricsLogger, length_metrics, plot_metrics, reward_metrics
 from grpo.rollout import Rollout, generate_rollout, sample_prompts, score_rollout
@@ -89,7 +95,10 @@ def grpo_step(run: Run) -> list[dict[str, float]]:
 
     # 2. G completions per prompt from the current policy.
     rollout = generate_rollout(
-        run.sampler, rows, cfg.num_generations, seed=step_seed(cfg.seed, state.step, acc.process_index),
+        run.sampler,
+        rows,
+        cfg.num_generations,
+        seed=step_seed(cfg.seed, state.step, acc.process_index),
         pad_id=run.tokenizer.pad_token_id,
     )
     batch = {k: v.to(acc.device) for k, v in rollout.batch.items()}
@@ -264,6 +273,7 @@ def policy_update(
         entropy_tokens += micro["completion_mask"].sum().item()
         mismatch_logp.append((rows, logp.detach()))
 
+    optimizer_started = time.perf_counter()
     average_gradients(run.trainable_params, acc)
     grad_norm = clip_gradients(run.trainable_params, cfg.max_grad_norm)
     finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
@@ -285,6 +295,7 @@ def policy_update(
         "lr": lr,
         "entropy": entropy_sum / max(entropy_tokens, 1.0),
         "skipped_updates": state.skipped_updates,
+        "time/optimizer": time.perf_counter() - optimizer_started,
         **_mismatch(batch, mismatch_logp),
     }
     if not finite and state.nonfinite_streak >= cfg.max_nonfinite_updates:
@@ -318,7 +329,7 @@ def average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     flat = accelerator.reduce(flat, reduction="mean")
     offset = 0
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=True):
         p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
         offset += g.numel()
 
@@ -331,7 +342,8 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
 def sample_record(rollout: Rollout, rewards: torch.Tensor) -> dict[str, Any]:
     """The first completion of the batch, to print: what the model is actually writing."""
     row = rollout.rows[0]
-    question = row["prompt"][-1]["content"]
+    prompt = row["prompt"]
+    question = prompt[-1]["content"] if prompt and isinstance(prompt[-1], dict) else str(prompt)
     return {
         "question": question[-300:],
         "answer": row.get("answer"),
@@ -382,14 +394,18 @@ def setup(cfg: GRPOConfig) -> Run:
     say(f"device: {accelerator.device}, processes: {accelerator.num_processes}")
     model, tokenizer = load_policy(cfg, device=accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    say(f"model: {cfg.model_name_or_path} ({'4-bit NF4' if cfg.load_in_4bit else '16-bit'}), "
-        f"LoRA r={cfg.lora_r}: {sum(p.numel() for p in trainable):,} trainable parameters")
+    say(
+        f"model: {cfg.model_name_or_path} ({'4-bit NF4' if cfg.load_in_4bit else '16-bit'}), "
+        f"LoRA r={cfg.lora_r}: {sum(p.numel() for p in trainable):,} trainable parameters"
+    )
     train_data = build_train_dataset(cfg, tokenizer)
     optimizer = make_optimizer(cfg, trainable)
     say(f"optimizer: {type(optimizer).__module__}.{type(optimizer).__name__} on {accelerator.device}")
     scheduler = make_scheduler(cfg, optimizer)
     # every process samples for its own prompts; only the main one says which sampler it is
-    quiet = contextlib.nullcontext() if accelerator.is_main_process else contextlib.redirect_stdout(io.StringIO())
+    quiet = (
+        contextlib.nullcontext() if accelerator.is_main_process else contextlib.redirect_stdout(io.StringIO())
+    )
     with quiet:
         sampler = make_sampler(cfg, model, tokenizer)
     return Run(cfg, accelerator, model, tokenizer, sampler, optimizer, scheduler, train_data)
@@ -404,6 +420,10 @@ def fit(run: Run) -> Path:
     """The outer loop: resume if asked, GRPO steps, metrics, checkpoints, and the plot at the end."""
     cfg, acc, state = run.config, run.accelerator, run.state
     output_dir = Path(cfg.output_dir)
+    if acc.is_main_process:
+        for stale in remove_incomplete_checkpoints(output_dir):
+            print(f"removed {stale}: a save that was interrupted")
+    acc.wait_for_everyone()
     if cfg.resume_from_checkpoint:
         path = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
         saved = load_checkpoint(path, acc.unwrap_model(run.model), run.optimizer, run.scheduler, acc)
@@ -417,8 +437,12 @@ def fit(run: Run) -> Path:
         nonlocal last_saved
         last_saved = state.step
         trainer_state = {**vars(state), "config": cfg.to_dict()}
-        return save_checkpoint(output_dir, state.step, run.model, run.optimizer, run.scheduler, trainer_state, acc)
+        return save_checkpoint(
+            output_dir, state.step, run.model, run.optimizer, run.scheduler, trainer_state, acc
+        )
 
+    # a small fixed evaluation subset, scored greedily every eval_steps (the same on every process)
+    eval_rows = eval_subset(cfg, run.tokenizer, size=cfg.eval_size) if cfg.eval_steps else []
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="GRPO", disable=not acc.is_main_process)
     try:
         while state.step < cfg.max_steps:
@@ -428,6 +452,10 @@ def fit(run: Run) -> Path:
             except TrainingError:
                 checkpoint()
                 raise
+            if eval_rows and state.step // cfg.eval_steps > (state.step - len(records)) // cfg.eval_steps:
+                records[-1].update(
+                    evaluate_rows(run.sampler, eval_rows, cfg.seed, cfg.reward_funcs, cfg.reward_weights)
+                )
             for record in records:
                 record["step_time"] = (time.perf_counter() - started) / len(records)
                 sample = record.pop("sample", None)

@@ -37,21 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo.config import LORA_TARGETS, GRPOConfig  # noqa: E402
 from models.forward import completion_logprobs  # noqa: E402
 from models.policy import load_policy, lora_param_count  # noqa: E402
+from models.random_qwen import QWEN25_3B, write_random_qwen  # noqa: E402
 from models.tiny import CORPUS_PATH, train_tiny_tokenizer  # noqa: E402
 
-QWEN25_3B = dict(
-    vocab_size=151936,
-    hidden_size=2048,
-    intermediate_size=11008,
-    num_hidden_layers=36,
-    num_attention_heads=16,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-    tie_word_embeddings=True,
-    use_sliding_window=False,
-)
 # the tiny model's shape (models/tiny.py), for exercising the script on CPU
 TINY = dict(QWEN25_3B, vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4)
 TINY.update(num_attention_heads=4, num_key_value_heads=2)
@@ -85,18 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def save_random_model(arch: dict, folder: str, device: torch.device) -> None:
-    """Random bf16 weights of `arch` in the Hugging Face layout, with the tiny tokenizer's files
-    (the tokenizer plays no part in the memory figures; ids stay below its 512 tokens)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    """Random bf16 weights of `arch` with the tiny tokenizer's files (the tokenizer plays no part in
+    the memory figures; ids stay below its 512 tokens)."""
     tokenizer = train_tiny_tokenizer(CORPUS_PATH.read_text(encoding="utf-8"))
-    config = Qwen2Config(**arch, bos_token_id=0, eos_token_id=2, pad_token_id=0)
-    with torch.device(device):  # initialise on the GPU: seconds instead of minutes for 3B parameters
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    del model
+    write_random_qwen(folder, arch, tokenizer=tokenizer, device=device)
 
 
 def model_bytes(model) -> int:
