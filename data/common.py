@@ -121,6 +121,25 @@ def read_local_files(files: list[str], source: str) -> datasets.Dataset:
         raise DataError(f"{source}: could not read {', '.join(files)}: {type(err).__name__}: {err}") from err
 
 
+def load_split(
+    source: str, repo: str, split: str, data_files: DataFiles | None, config: str | None = None
+) -> tuple[datasets.Dataset, str]:
+    """The raw rows of one split and a description of where they came from (for messages).
+
+    ``data_files`` None: ``datasets.load_dataset(repo, config, split=split)`` from the hub; else the
+    local files ``data_files`` names for that split, in the same schema.
+    """
+    if data_files is None:
+        raw = (
+            datasets.load_dataset(repo, config, split=split)
+            if config
+            else datasets.load_dataset(repo, split=split)
+        )
+        return raw, f"{repo} ({config + ', ' if config else ''}split {split})"
+    files = resolve_data_files(data_files, split, source=source)
+    return read_local_files(files, source=source), ", ".join(files)
+
+
 # ---------------------------------------------------------------------------- raw rows -> prompt rows
 
 

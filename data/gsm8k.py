@@ -17,8 +17,7 @@ from data.common import (
     DataError,
     DataFiles,
     is_nonempty_str,
-    read_local_files,
-    resolve_data_files,
+    load_split,
     rows_to_dataset,
 )
 from data.prompts import gsm8k_user_prompt
@@ -74,11 +73,5 @@ def load(split: str = "train", data_files: Optional[DataFiles] = None) -> datase
     """
     if split not in SPLITS:
         raise DataError(f"gsm8k: split={split!r}: must be one of {SPLITS}")
-    if data_files is None:
-        raw = datasets.load_dataset(REPO, CONFIG, split=split)
-        origin = f"{REPO} ({CONFIG}, split {split})"
-    else:
-        files = resolve_data_files(data_files, split, source="gsm8k")
-        raw = read_local_files(files, source="gsm8k")
-        origin = ", ".join(files)
+    raw, origin = load_split("gsm8k", REPO, split, data_files, CONFIG)
     return rows_to_dataset(raw, parse_row, source="gsm8k", db_set=DB_SET, origin=origin)

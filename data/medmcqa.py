@@ -19,7 +19,7 @@ from typing import Optional
 
 import datasets
 
-from data.common import DataError, DataFiles, read_local_files, resolve_data_files, rows_to_dataset
+from data.common import DataError, DataFiles, load_split, rows_to_dataset
 from data.medqa import check_options, check_question, label_to_letter, multiple_choice_user_prompt
 
 REPO = "openlifescienceai/medmcqa"
@@ -50,11 +50,5 @@ def load(split: str = EVAL_SPLIT, data_files: Optional[DataFiles] = None) -> dat
         )
     if split not in SPLITS:
         raise DataError(f"medmcqa: split={split!r}: must be one of {SPLITS}")
-    if data_files is None:
-        raw = datasets.load_dataset(REPO, split=split)
-        origin = f"{REPO} (split {split})"
-    else:
-        files = resolve_data_files(data_files, split, source="medmcqa")
-        raw = read_local_files(files, source="medmcqa")
-        origin = ", ".join(files)
+    raw, origin = load_split("medmcqa", REPO, split, data_files)
     return rows_to_dataset(raw, parse_row, source="medmcqa", db_set=DB_SET, origin=origin)

@@ -26,8 +26,7 @@ from data.common import (
     DataError,
     DataFiles,
     is_nonempty_str,
-    read_local_files,
-    resolve_data_files,
+    load_split,
     rows_to_dataset,
 )
 from data.prompts import health_benchmarks_user_prompt
@@ -115,11 +114,5 @@ def load(split: str = EVAL_SPLIT, data_files: Optional[DataFiles] = None) -> dat
     """
     if split not in SPLITS:
         raise DataError(f"medqa: split={split!r}: must be one of {SPLITS}")
-    if data_files is None:
-        raw = datasets.load_dataset(REPO, split=split)
-        origin = f"{REPO} (split {split})"
-    else:
-        files = resolve_data_files(data_files, split, source="medqa")
-        raw = read_local_files(files, source="medqa")
-        origin = ", ".join(files)
+    raw, origin = load_split("medqa", REPO, split, data_files)
     return rows_to_dataset(raw, parse_row, source="medqa", db_set=DB_SET, origin=origin)

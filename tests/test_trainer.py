@@ -275,3 +275,23 @@ def test_embedded_default_learns(tmp_path):
 
     first, last = mean(records[:quarter]), mean(records[-quarter:])
     assert last > first + 0.25, (first, last)  # measured here: 1.34 -> 1.92 (of 4.0)
+
+
+def test_metrics_logger_tensorboard_and_resume_truncation(tmp_path):
+    from grpo.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, report_to="tensorboard")
+    for step in (1, 2, 3):
+        logger.log({"step": step, "reward": float(step), "note": "text is skipped by tensorboard"})
+    logger.close()
+    assert [r["reward"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1.0, 2.0, 3.0]
+    assert list((tmp_path / "runs").glob("events.out.tfevents.*"))
+    # resuming from step 2 keeps steps 1-2 only
+    MetricsLogger(tmp_path, resume_step=2).close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "qwen2.5-3b-medical.yaml"])
+def test_shipped_configs_are_valid(name):
+    cfg = load_config(["--config", str(ROOT / "scripts" / "configs" / name)])
+    assert cfg.num_generations >= 2 and cfg.output_dir.startswith("outputs/")
