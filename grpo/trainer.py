@@ -125,6 +125,8 @@ def grpo_step(run: Run) -> list[dict[str, float]]:
     for iteration in range(cfg.num_iterations):
         update = policy_update(run, batch, loss_mask, advantages, old_logp, ref_logp)
         lap("policy_update")
+        if iteration > 0:  # sampler vs trainer only means something before the policy has moved
+            update = {k: v for k, v in update.items() if not k.startswith("mismatch/")}
         record = {
             "step": state.step,
             "iteration": iteration,
@@ -138,7 +140,7 @@ def grpo_step(run: Run) -> list[dict[str, float]]:
     # 7. Hand the new adapter to the sampler.
     run.sampler.update_policy(acc.unwrap_model(run.model))
     lap("sync")
-    records[-1].update({k: v for k, v in timings.items() if k in ("time/sync",)})
+    records[-1]["time/sync"] = timings["time/sync"]
     records[-1]["sample"] = sample_record(rollout, rewards)
     return records
 

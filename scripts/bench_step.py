@@ -64,6 +64,7 @@ def main() -> dict:
     parser.add_argument("--output", default=None, help="JSON file (default: outputs/bench_step_<name>.json)")
     args, overrides = parser.parse_known_args()
 
+    cfg_path = overrides[overrides.index("--config") + 1] if "--config" in overrides[:-1] else None
     scratch = tempfile.TemporaryDirectory()
     argv = list(overrides)
     if args.preset == "qwen2.5-3b":
@@ -95,9 +96,7 @@ def main() -> dict:
 
     tokens = median("completion_length") * cfg.num_generations * cfg.per_device_train_batch_size
     result = {
-        "name": args.preset or Path(sys.argv[sys.argv.index("--config") + 1]).stem
-        if "--config" in sys.argv
-        else "custom",
+        "name": args.preset or (Path(cfg_path).stem if cfg_path else "custom"),
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",

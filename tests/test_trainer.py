@@ -295,3 +295,51 @@ def test_metrics_logger_tensorboard_and_resume_truncation(tmp_path):
 def test_shipped_configs_are_valid(name):
     cfg = load_config(["--config", str(ROOT / "scripts" / "configs" / name)])
     assert cfg.num_generations >= 2 and cfg.output_dir.startswith("outputs/")
+
+
+@pytest.mark.slow
+def test_mu_iterations_accumulation_and_micro_batches(tmp_path):
+    """num_iterations = 2 (old log-probs kept), 2 accumulation steps split in micro-batches, dapo."""
+    from grpo.trainer import train
+
+    cfg = tiny_config(
+        tmp_path,
+        *(
+            "--num_iterations",
+            "2",
+            "--gradient_accumulation_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "1",
+        ),
+        *("--train_micro_batch_size", "2", "--loss_type", "dapo", "--learning_rate", "0.02"),
+    )
+    train(cfg)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["iteration"]) for r in records] == [(1, 0), (2, 1), (3, 0), (4, 1)]
+    # each rollout has 2 prompts x 4 completions, shared by its two optimiser steps
+    assert records[0]["reward"] == records[1]["reward"] and records[2]["reward"] == records[3]["reward"]
+    # first pass: the policy that sampled (ratio 1); second pass: the ratio has moved exactly when the
+    # first pass had a gradient (a rollout whose groups all tie has none)
+    for first, second in ((records[0], records[1]), (records[2], records[3])):
+        assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+        assert (abs(second["ratio_mean"] - 1.0) > 1e-4) == (first["grad_norm"] > 0)
+    assert any(r["grad_norm"] > 0 for r in records[::2])
+    assert "mismatch/logp_abs_diff" in records[0] and "mismatch/logp_abs_diff" not in records[1]
+    state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["data_position"] == 4  # 2 rollouts x (1 prompt x 2 accumulation steps)
+
+
+@pytest.mark.slow
+def test_mask_truncated_completions_leaves_them_out_of_the_loss(tmp_path):
+    """With 4-token completions every one is truncated: masked out, nothing moves the adapter."""
+    from safetensors.torch import load_file
+
+    from grpo.trainer import train
+
+    train(tiny_config(tmp_path, "--max_completion_length", "4", "--mask_truncated_completions", "true"))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(r["completions/clipped_ratio"] == 1.0 for r in records)
+    assert all(r["loss"] == 0.0 and r["grad_norm"] == 0.0 for r in records)
+    weights = load_file(str(tmp_path / "checkpoint-4" / "adapter_model.safetensors"))
+    assert all(v.abs().sum() == 0 for k, v in weights.items() if "lora_B" in k)
