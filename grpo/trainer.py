@@ -130,7 +130,9 @@ def grpo_step(run: Run) -> list[dict[str, float]]:
         record = {
             "step": state.step,
             "iteration": iteration,
-            **reward_metrics(rewards, rewards_per_func, rollout.columns["db_set"], cfg.num_generations),
+            **global_reward_metrics(
+                acc, rewards, rewards_per_func, rollout.columns["db_set"], cfg.num_generations
+            ),
             **length_metrics(batch["completion_lengths"].float(), batch["truncated"]),
             **update,
             **timings,
@@ -143,6 +145,17 @@ def grpo_step(run: Run) -> list[dict[str, float]]:
     records[-1]["time/sync"] = timings["time/sync"]
     records[-1]["sample"] = sample_record(rollout, rewards)
     return records
+
+
+def global_reward_metrics(acc, rewards, rewards_per_func, db_sets, group_size) -> dict[str, float]:
+    """Reward metrics over the samples of every process (gathered), not only this one's."""
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rewards = acc.gather(rewards.to(acc.device)).cpu()
+        rewards_per_func = {k: acc.gather(v.to(acc.device)).cpu() for k, v in rewards_per_func.items()}
+        db_sets = gather_object(list(db_sets))
+    return {"num_completions": len(rewards), **reward_metrics(rewards, rewards_per_func, db_sets, group_size)}
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

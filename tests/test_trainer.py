@@ -111,6 +111,7 @@ def test_run_writes_metrics_checkpoints_and_plot(finished_run):
     out, final = finished_run
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["num_completions"] == 8 for r in records)
     for record in records:
         missing = [k for k in REQUIRED if k not in record]
         assert not missing, missing
@@ -252,6 +253,8 @@ def test_accelerate_two_processes_end_with_identical_adapters(tmp_path):
     assert ranks[0]["data_position"] == 8
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
+    # reward metrics cover both processes' samples: 2 ranks x 2 prompts x 4 completions per step
+    assert [r["num_completions"] for r in records] == [16, 16]
     # the adapter moved (non-zero gradients were averaged, not lost)
     from safetensors.torch import load_file
 
