@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from models.policy import load_adapter, save_adapter
+
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 
@@ -95,7 +97,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        save_adapter(accelerator.unwrap_model(model), str(tmp))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
@@ -112,14 +114,8 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, accelerator) -> dict[str, Any]:
     """Restore adapter, optimiser, schedule and this process's RNG; return the saved trainer_state."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     path = Path(path)
-    adapter = load_file(str(path / "adapter_model.safetensors"), device=str(accelerator.device))
-    result = set_peft_model_state_dict(accelerator.unwrap_model(model), adapter)
-    if getattr(result, "unexpected_keys", None):
-        raise RuntimeError(f"{path}: adapter keys do not match the model: {result.unexpected_keys[:5]}")
+    load_adapter(accelerator.unwrap_model(model), str(path))  # in place: the optimiser stays valid
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng_state_{accelerator.process_index}.pt"

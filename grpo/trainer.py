@@ -37,6 +37,9 @@ from grpo.evaluation import eval_subset, evaluate_rows
 from grpo.loss import policy_loss
 from grpo.metrics import MetricsLogger, length_metrics, plot_metrics, reward_metrics
 from grpo.rollout import Rollout, generate_rollout, sample_prompts, score_rollout
+from models.forward import completion_logprobs
+from models.policy import reference_model
+from models.samplers import sampler_mismatch
 
 
 class TrainingError(RuntimeError):
@@ -123,10 +126,10 @@ def grpo_step(run: Run) -> list[dict[str, float]]:
     # 6. mu policy updates on this batch of samples.
     records = []
     for iteration in range(cfg.num_iterations):
-        update = policy_update(run, batch, loss_mask, advantages, old_logp, ref_logp)
+        update, logp = policy_update(run, batch, loss_mask, advantages, old_logp, ref_logp)
         lap("policy_update")
-        if iteration > 0:  # sampler vs trainer only means something before the policy has moved
-            update = {k: v for k, v in update.items() if not k.startswith("mismatch/")}
+        if iteration == 0:  # sampler vs trainer only means something before the policy has moved
+            update.update(sampler_mismatch(batch["sampler_logp"], logp, batch["completion_mask"]))
         record = {
             "step": state.step,
             "iteration": iteration,
@@ -192,8 +195,6 @@ def trim(batch: dict[str, torch.Tensor], rows: slice, prompt_len: int) -> dict[s
 
 
 def _logprobs(run: Run, micro: dict[str, torch.Tensor], return_entropy: bool = False):
-    from models.forward import completion_logprobs
-
     return completion_logprobs(
         run.model,
         micro["input_ids"],
@@ -214,8 +215,6 @@ def batched_logprobs(run: Run, batch: dict[str, torch.Tensor], reference: bool) 
 
     reference=True switches the adapter off: the base model is GRPO's reference policy.
     """
-    from models.policy import reference_model
-
     n, t = batch["completion_mask"].shape
     prompt_len = batch["input_ids"].shape[1] - t
     out = torch.zeros(n, t, device=batch["input_ids"].device)
@@ -250,17 +249,18 @@ def policy_update(
     advantages: torch.Tensor,
     old_logp: torch.Tensor | None,
     ref_logp: torch.Tensor | None,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], torch.Tensor]:
     """One optimiser step of the clipped GRPO objective on the whole batch (micro-batched).
 
     Gradients of all processes are averaged, clipped at max_grad_norm, and a non-finite update is
-    skipped and counted (several in a row stop the run).
+    skipped and counted (several in a row stop the run). Returns the metrics and the (detached)
+    log-probs [N, T] the loss was computed from.
     """
     cfg, acc, state = run.config, run.accelerator, run.state
     n, t = loss_mask.shape
     prompt_len = batch["input_ids"].shape[1] - t
     sums: dict[str, float] = {}
-    mismatch_logp = []
+    trainer_logp = torch.zeros_like(batch["sampler_logp"])
     entropy_sum = entropy_tokens = 0.0
     for rows in micro_batches(n, _micro_size(cfg)):
         micro = trim(batch, rows, prompt_len)
@@ -286,7 +286,7 @@ def policy_update(
             sums[key] = sums.get(key, 0.0) + value * weight
         entropy_sum += (entropy * micro["completion_mask"]).sum().item()
         entropy_tokens += micro["completion_mask"].sum().item()
-        mismatch_logp.append((rows, logp.detach()))
+        trainer_logp[rows, :width] = logp.detach()
 
     optimizer_started = time.perf_counter()
     average_gradients(run.trainable_params, acc)
@@ -311,24 +311,13 @@ def policy_update(
         "entropy": entropy_sum / max(entropy_tokens, 1.0),
         "skipped_updates": state.skipped_updates,
         "time/optimizer": time.perf_counter() - optimizer_started,
-        **_mismatch(batch, mismatch_logp),
     }
     if not finite and state.nonfinite_streak >= cfg.max_nonfinite_updates:
         raise TrainingError(
             f"step {state.step}: {state.nonfinite_streak} non-finite updates in a row "
             f"(loss {sums['loss']}, grad_norm {grad_norm}); lower learning_rate or check the data"
         )
-    return out
-
-
-def _mismatch(batch: dict[str, torch.Tensor], pieces: list) -> dict[str, float]:
-    """Sampler vs trainer log-probs of the same tokens (first update only: same policy on both sides)."""
-    from models.samplers import sampler_mismatch
-
-    trainer_logp = torch.zeros_like(batch["sampler_logp"])
-    for rows, logp in pieces:
-        trainer_logp[rows, : logp.shape[1]] = logp
-    return sampler_mismatch(batch["sampler_logp"], trainer_logp, batch["completion_mask"])
+    return out, trainer_logp
 
 
 def average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from models.random_qwen import QWEN25_3B
+
 TINY_MODEL = "tiny-random-qwen2"  # sentinel model_name_or_path, resolved by models.policy.resolve_model_path
 TINY_INSTRUCT_MODEL = "tiny-qwen2-instruct"  # the same model after a short supervised warm start
 TINY_MODELS = (TINY_MODEL, TINY_INSTRUCT_MODEL)
@@ -49,17 +51,12 @@ VOCAB_SIZE = 512
 # Qwen2.5-3B-Instruct's shape, scaled down; the ratios that matter are kept: grouped-query attention
 # (2 KV heads), tied embeddings, rope_theta 1e6.
 TINY_CONFIG = dict(
+    QWEN25_3B,
     vocab_size=VOCAB_SIZE,
     hidden_size=128,
     intermediate_size=384,  # a multiple of 64: bitsandbytes' CPU 4-bit kernel needs whole blocks
     num_hidden_layers=4,
     num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-    tie_word_embeddings=True,
-    use_sliding_window=False,
     hidden_act="silu",
     initializer_range=0.02,
 )

@@ -38,11 +38,10 @@ from grpo.config import LORA_TARGETS, GRPOConfig  # noqa: E402
 from models.forward import completion_logprobs  # noqa: E402
 from models.policy import load_policy, lora_param_count  # noqa: E402
 from models.random_qwen import QWEN25_3B, write_random_qwen  # noqa: E402
-from models.tiny import CORPUS_PATH, train_tiny_tokenizer  # noqa: E402
+from models.tiny import CORPUS_PATH, TINY_CONFIG, train_tiny_tokenizer  # noqa: E402
 
 # the tiny model's shape (models/tiny.py), for exercising the script on CPU
-TINY = dict(QWEN25_3B, vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4)
-TINY.update(num_attention_heads=4, num_key_value_heads=2)
+TINY = TINY_CONFIG
 PRESETS = {
     # name: (architecture, completions N, tokens per row L, LoRA rank)
     "qwen2.5-3b": (QWEN25_3B, 6, 2048, 64),
