@@ -72,7 +72,11 @@ def _drop_long(ds: datasets.Dataset, tokenizer, max_prompt_length: int, what: st
 
 
 def build_eval_datasets(config: Any, tokenizer) -> dict[str, datasets.Dataset]:
-    """``{db_set: Dataset}`` of the evaluation splits, long prompts dropped (``tokenizer=None``: kept)."""
+    """``{db_set: Dataset}`` of the evaluation splits, long prompts dropped (``tokenizer=None``: kept).
+
+    config: uses gsm8k_data_files, pubmedqa_data_files, health_benchmarks_data_files,
+    pubmedqa_max_context_chars, max_prompt_length.
+    """
     return {
         DB_SETS[name]: _drop_long(
             load_source(name, "test", config), tokenizer, config.max_prompt_length, f"{name} (test)"
@@ -90,8 +94,12 @@ def _not_in(prompt: list[dict], messages: set[str]) -> bool:
 
 
 def build_train_dataset(config: Any, tokenizer) -> MixtureStream:
-    """The endless training stream of ``config`` (GRPOConfig): sources with probability > 0, long
-    prompts dropped, evaluation prompts excluded, mixed by ``config.dataset_mixture`` with ``config.seed``."""
+    """The endless training stream of ``config``: sources with probability > 0, long prompts dropped,
+    evaluation prompts excluded, mixed by ``config.dataset_mixture`` with ``config.seed``.
+
+    config: uses dataset_mixture, seed, max_prompt_length, pubmedqa_max_context_chars and the three
+    ``*_data_files``.
+    """
     probabilities = dict(zip(SOURCES, config.dataset_mixture, strict=True))
     sources: dict[str, datasets.Dataset] = {}
     for name, p in probabilities.items():

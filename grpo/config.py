@@ -38,7 +38,7 @@ class ConfigError(ValueError):
     """An invalid configuration: the message names the field (or file) and the value."""
 
 
-def _f(default: Any, help: str, choices: Optional[list] = None, **kw: Any) -> Any:
+def setting(default: Any, help: str, choices: Optional[list] = None, **kw: Any) -> Any:
     """A dataclass field with help text (and argparse choices) in its metadata."""
     metadata = {"help": help}
     if choices is not None:
@@ -51,118 +51,126 @@ def _f(default: Any, help: str, choices: Optional[list] = None, **kw: Any) -> An
 @dataclass
 class GRPOConfig:
     # ----------------------------------------------------------------- model
-    model_name_or_path: str = _f(
+    model_name_or_path: str = setting(
         "Qwen/Qwen2.5-3B-Instruct", "Hub id or local folder of the base model (HF layout)."
     )
-    trust_remote_code: bool = _f(False, "Pass trust_remote_code to transformers (off unless asked).")
-    load_in_4bit: bool = _f(True, "Load the base in bitsandbytes 4-bit (QLoRA); false = 16-bit LoRA.")
-    bnb_4bit_quant_type: str = _f("nf4", "4-bit quantisation type.", choices=["nf4", "fp4"])
-    bnb_4bit_use_double_quant: bool = _f(True, "Quantise the quantisation constants too.")
-    dtype: str = _f(
+    trust_remote_code: bool = setting(False, "Pass trust_remote_code to transformers (off unless asked).")
+    load_in_4bit: bool = setting(True, "Load the base in bitsandbytes 4-bit (QLoRA); false = 16-bit LoRA.")
+    bnb_4bit_quant_type: str = setting("nf4", "4-bit quantisation type.", choices=["nf4", "fp4"])
+    bnb_4bit_use_double_quant: bool = setting(True, "Quantise the quantisation constants too.")
+    dtype: str = setting(
         "auto",
         "Compute dtype: auto = bf16 where supported, else fp16 on GPU, fp32 on CPU.",
         choices=["auto", "bf16", "fp16", "fp32"],
     )
-    lora_r: int = _f(64, "LoRA rank.")
-    lora_alpha: int = _f(64, "LoRA alpha (scaling = alpha / r).")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
-    lora_target_modules: list[str] = _f(list(LORA_TARGETS), "Module names that get a LoRA adapter.")
-    gradient_checkpointing: bool = _f(True, "Recompute activations in the backward (non-reentrant).")
+    lora_r: int = setting(64, "LoRA rank.")
+    lora_alpha: int = setting(64, "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = setting(0.0, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] = setting(list(LORA_TARGETS), "Module names that get a LoRA adapter.")
+    gradient_checkpointing: bool = setting(True, "Recompute activations in the backward (non-reentrant).")
     # ----------------------------------------------------------------- data
-    dataset_mixture: list[float] = _f(
+    dataset_mixture: list[float] = setting(
         [0.7, 0.15, 0.15],
         "Sampling probabilities of the training sources, in the order pubmedqa, gsm8k, health_benchmarks.",
     )
-    gsm8k_data_files: Optional[str] = _f(
+    gsm8k_data_files: Optional[str] = setting(
         None, "Local json/jsonl/parquet file(s) in the openai/gsm8k schema instead of the hub."
     )
-    pubmedqa_data_files: Optional[str] = _f(
+    pubmedqa_data_files: Optional[str] = setting(
         None, "Local file(s) in the qiaojin/PubMedQA schema instead of the hub."
     )
-    health_benchmarks_data_files: Optional[str] = _f(
+    health_benchmarks_data_files: Optional[str] = setting(
         None, "Local file(s) in the yesilhealth/Health_Benchmarks schema instead of the hub."
     )
-    pubmedqa_max_context_chars: int = _f(
+    pubmedqa_max_context_chars: int = setting(
         1024, "Training PubMedQA rows whose joined context is longer than this are dropped."
     )
-    max_prompt_length: int = _f(
+    max_prompt_length: int = setting(
         1024, "Prompts longer than this many tokens (chat template included) are dropped."
     )
     # ----------------------------------------------------------------- sampling
-    sampler: str = _f(
+    sampler: str = setting(
         "auto",
         "Who generates: vllm, hf (model.generate), auto = vllm when importable on a GPU else hf.",
         choices=["auto", "vllm", "hf"],
     )
-    num_generations: int = _f(6, "G: completions sampled per prompt (the group size).")
-    max_completion_length: int = _f(1024, "Maximum new tokens per completion.")
-    temperature: float = _f(1.0, "Sampling temperature (also divides the trainer's logits).")
-    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off).")
-    top_k: int = _f(0, "Top-k sampling (0 = off).")
-    vllm_gpu_memory_utilization: float = _f(0.5, "Fraction of GPU memory vLLM may take (colocated).")
-    vllm_max_model_len: Optional[int] = _f(
+    num_generations: int = setting(6, "G: completions sampled per prompt (the group size).")
+    max_completion_length: int = setting(1024, "Maximum new tokens per completion.")
+    temperature: float = setting(1.0, "Sampling temperature (also divides the trainer's logits).")
+    top_p: float = setting(1.0, "Nucleus sampling threshold (1.0 = off).")
+    top_k: int = setting(0, "Top-k sampling (0 = off).")
+    vllm_gpu_memory_utilization: float = setting(0.5, "Fraction of GPU memory vLLM may take (colocated).")
+    vllm_max_model_len: Optional[int] = setting(
         None, "vLLM max_model_len (None = max_prompt_length + max_completion_length)."
     )
     # ----------------------------------------------------------------- GRPO
-    beta: float = _f(0.04, "KL penalty coefficient (0 = no reference model pass).")
-    epsilon: float = _f(0.2, "Lower clip range: ratio is clipped below 1 - epsilon.")
-    epsilon_high: Optional[float] = _f(None, "Upper clip range (None = epsilon); DAPO uses 0.28.")
-    loss_type: str = _f(
+    beta: float = setting(0.04, "KL penalty coefficient (0 = no reference model pass).")
+    epsilon: float = setting(0.2, "Lower clip range: ratio is clipped below 1 - epsilon.")
+    epsilon_high: Optional[float] = setting(None, "Upper clip range (None = epsilon); DAPO uses 0.28.")
+    loss_type: str = setting(
         "grpo",
         "Aggregation: grpo (mean of per-sequence token means), dapo (token mean over the batch), "
         "dr_grpo (token sum / (N * max_completion_length)).",
         choices=["grpo", "dapo", "dr_grpo"],
     )
-    scale_rewards: str = _f(
+    scale_rewards: str = setting(
         "group",
         "Advantage scale: group std, batch std, or none (Dr. GRPO).",
         choices=["group", "batch", "none"],
     )
-    num_iterations: int = _f(1, "mu: policy updates per batch of samples (old log-probs are kept when > 1).")
-    kl_estimator: str = _f("k3", "KL estimator of the penalty.", choices=["k1", "k2", "k3"])
-    mask_truncated_completions: bool = _f(
+    num_iterations: int = setting(
+        1, "mu: policy updates per batch of samples (old log-probs are kept when > 1)."
+    )
+    kl_estimator: str = setting("k3", "KL estimator of the penalty.", choices=["k1", "k2", "k3"])
+    mask_truncated_completions: bool = setting(
         False, "Leave completions cut at max_completion_length out of the loss."
     )
-    reward_funcs: list[str] = _f(list(REWARD_FUNC_NAMES), "Reward functions (names in rewards/).")
-    reward_weights: Optional[list[float]] = _f(None, "One weight per reward function (None = 1.0 each).")
-    logprob_backend: str = _f(
+    reward_funcs: list[str] = setting(list(REWARD_FUNC_NAMES), "Reward functions (names in rewards/).")
+    reward_weights: Optional[list[float]] = setting(None, "One weight per reward function (None = 1.0 each).")
+    logprob_backend: str = setting(
         "auto",
         "token_logprobs backend: auto (triton on CUDA, chunked torch elsewhere), torch, triton, naive.",
         choices=["auto", "torch", "triton", "naive"],
     )
     # ----------------------------------------------------------------- optimisation
-    learning_rate: float = _f(5e-6, "Peak learning rate.")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.99, "AdamW beta2.")
-    weight_decay: float = _f(0.1, "AdamW weight decay.")
-    warmup_ratio: float = _f(0.1, "Fraction of max_steps with linear warmup.")
-    lr_scheduler_type: str = _f("cosine", "Learning-rate schedule.", choices=["cosine", "linear", "constant"])
-    optim: str = _f(
+    learning_rate: float = setting(5e-6, "Peak learning rate.")
+    adam_beta1: float = setting(0.9, "AdamW beta1.")
+    adam_beta2: float = setting(0.99, "AdamW beta2.")
+    weight_decay: float = setting(0.1, "AdamW weight decay.")
+    warmup_ratio: float = setting(0.1, "Fraction of max_steps with linear warmup.")
+    lr_scheduler_type: str = setting(
+        "cosine", "Learning-rate schedule.", choices=["cosine", "linear", "constant"]
+    )
+    optim: str = setting(
         "adamw_8bit",
         "Optimiser: adamw_8bit (bitsandbytes) or adamw_torch.",
         choices=["adamw_8bit", "adamw_torch"],
     )
-    per_device_train_batch_size: int = _f(1, "Prompts per device per micro-step (each gets G completions).")
-    gradient_accumulation_steps: int = _f(1, "Micro-steps accumulated into one optimiser step.")
-    train_micro_batch_size: Optional[int] = _f(
+    per_device_train_batch_size: int = setting(
+        1, "Prompts per device per micro-step (each gets G completions)."
+    )
+    gradient_accumulation_steps: int = setting(1, "Micro-steps accumulated into one optimiser step.")
+    train_micro_batch_size: Optional[int] = setting(
         None,
         "Completions per forward/backward pass (None = all of a micro-step's prompts x G); "
         "must divide per_device_train_batch_size * num_generations.",
     )
-    max_grad_norm: float = _f(0.1, "Gradient clipping norm (0 = off).")
-    max_nonfinite_updates: int = _f(
+    max_grad_norm: float = setting(0.1, "Gradient clipping norm (0 = off).")
+    max_nonfinite_updates: int = setting(
         3, "Stop (with a checkpoint) after this many non-finite updates in a row; each one is skipped."
     )
-    max_steps: int = _f(750, "Optimiser steps to train.")
-    seed: int = _f(3407, "Random seed (data order, sampling, adapter init).")
+    max_steps: int = setting(750, "Optimiser steps to train.")
+    seed: int = setting(3407, "Random seed (data order, sampling, adapter init).")
     # ----------------------------------------------------------------- output
-    output_dir: str = _f("outputs/qwen2.5-3b-medical", "Where checkpoints, metrics.jsonl and the plot go.")
-    logging_steps: int = _f(1, "Print a sample completion every this many steps.")
-    save_steps: int = _f(100, "Write a checkpoint every this many steps.")
-    eval_steps: int = _f(0, "Score a small fixed evaluation subset every this many steps (0 = off).")
-    eval_size: int = _f(16, "Prompts per evaluation source in the eval_steps subset.")
-    report_to: str = _f("none", "Extra metric sink.", choices=["none", "tensorboard"])
-    resume_from_checkpoint: Optional[str] = _f(
+    output_dir: str = setting(
+        "outputs/qwen2.5-3b-medical", "Where checkpoints, metrics.jsonl and the plot go."
+    )
+    logging_steps: int = setting(1, "Print a sample completion every this many steps.")
+    save_steps: int = setting(100, "Write a checkpoint every this many steps.")
+    eval_steps: int = setting(0, "Score a small fixed evaluation subset every this many steps (0 = off).")
+    eval_size: int = setting(16, "Prompts per evaluation source in the eval_steps subset.")
+    report_to: str = setting("none", "Extra metric sink.", choices=["none", "tensorboard"])
+    resume_from_checkpoint: Optional[str] = setting(
         None, "A checkpoint folder, or 'latest' for the newest in output_dir."
     )
 

@@ -3,8 +3,8 @@
 Two callers use this module:
 
 - ``scripts/evaluate.py`` (a thin CLI): ``evaluate(sampler, datasets, samples, seed, settings)`` generates
-  on whole evaluation splits and returns a report dict; ``format_table(report)`` prints it as markdown,
-  ``format_comparison(a, b)`` puts two reports side by side with the difference.
+  on whole evaluation splits and returns a report dict; ``grpo/report.py`` prints it as markdown
+  (``format_table``) or puts two reports side by side (``format_comparison``).
 - the trainer: ``eval_subset(config, tokenizer, size)`` draws a small fixed subset once, and
   ``evaluate_rows(sampler, rows, seed)`` scores it greedily every ``eval_steps`` as flat ``eval/...``
   metrics for metrics.jsonl and the plot.
@@ -25,7 +25,7 @@ truncation_rate        share cut at max_completion_length before the stop token
 pass@k                 mean over prompts of 1 - C(n - c, k) / C(n, k), n = K samples, c correct ones
 =====================  =============================================================================
 
-The source names (``SOURCES``) are those of ``--sources``: the three training sources' evaluation splits
+The source names (``data.eval_sets.SOURCES``) are those of ``--sources``: the three training sources' evaluation splits
 (``data.mixture.build_eval_datasets``) and three standard medical benchmarks that are never trained on.
 """
 
@@ -42,21 +42,9 @@ import numpy as np
 from rewards import REWARD_FUNCS, combine_rewards
 from rewards.answer import FULL_CREDIT, PARTIAL_CREDIT
 
-# name -> (module under data/, the split we evaluate on, its hub id), in the order reports list them.
-SOURCES = {
-    "gsm8k": ("gsm8k", "test", "openai/gsm8k (main)"),
-    "pubmedqa": ("pubmedqa", "test", "qiaojin/PubMedQA (pqa_labeled, the 500 official test pubids)"),
-    "health_benchmarks": ("health_benchmarks", "test", "yesilhealth/Health_Benchmarks (held-out 10%)"),
-    "medqa": ("medqa", "test", "GBaker/MedQA-USMLE-4-options-hf"),
-    "medmcqa": ("medmcqa", "validation", "openlifescienceai/medmcqa"),
-    "mmlu_medical": ("mmlu_medical", "test", "cais/mmlu (6 medical subjects)"),
-}
-TRAINING_SOURCES = ("gsm8k", "pubmedqa", "health_benchmarks")  # those with a *_data_files config field
-ALL = "all"  # the report row over every completion of every source
-
 
 class EvaluationError(ValueError):
-    """A bad evaluation request (unknown source, missing adapter, ...): the message names the flag or file."""
+    """A bad evaluation request (a flag of scripts/evaluate.py): the message names the flag or file."""
 
 
 # ============================================================================ pure metric functions
@@ -200,8 +188,9 @@ def generate_and_score(
     prompts: list[dict[str, Any]] = []
     for start in range(0, len(rows), batch_size):
         batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        prompt_ids = sampler.encode([row["prompt"] for row in batch])
         completions = sampler.generate(
-            [row["prompt"] for row in batch], samples, seed=_call_seed(seed, source, start), settings=settings
+            prompt_ids, samples, seed=_call_seed(seed, source, start), settings=settings
         )
         owners = [batch[c.prompt_index] for c in completions]
         scores = score_completions(
@@ -295,292 +284,6 @@ def _settings_dict(settings: Any) -> Optional[dict[str, Any]]:
     if settings is None:
         return None
     return {key: getattr(settings, key) for key in ("temperature", "top_p", "top_k", "max_completion_length")}
-
-
-# ============================================================================ data and models
-
-
-def load_eval_set(name: str, config: Any, data_files: Optional[Any] = None):
-    """The evaluation split of source ``name`` as a ``datasets.Dataset`` (``SOURCES`` says which split).
-
-    data_files: local files in the source's hub schema (None = the hub, or for the three training
-    sources the ``<name>_data_files`` of ``config``, a GRPOConfig).
-    """
-    import importlib
-
-    if name not in SOURCES:
-        raise EvaluationError(f"unknown source {name!r}; known: {', '.join(SOURCES)}")
-    module_name, split, _ = SOURCES[name]
-    module = importlib.import_module(f"data.{module_name}")
-    if name in TRAINING_SOURCES and data_files is None:
-        data_files = getattr(config, f"{name}_data_files", None)
-    if data_files is not None:
-        return module.load(split, data_files)
-    try:
-        return module.load(split)
-    except Exception as err:  # offline, a wrong hub id, no access: one line naming the way out
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        raise EvaluationError(
-            f"{name}: cannot load {SOURCES[name][2]} from the hub ({type(err).__name__}: {first_line}); "
-            f"offline, give local files in its hub schema with --{name}_data_files"
-        ) from err
-
-
-def evenly_spaced(n_rows: int, limit: Optional[int]) -> list[int]:
-    """Indices of ``limit`` rows spread evenly over ``n_rows`` (all of them when limit is None or larger).
-
-    Evenly spaced rather than the first ``limit``: a source stored in blocks (Health_Benchmarks by
-    specialty, MMLU by subject) is then sampled across its blocks. Example: (10, 4) -> [0, 2, 5, 7].
-    """
-    if limit is None or limit >= n_rows:
-        return list(range(n_rows))
-    if limit < 1:
-        raise EvaluationError(f"--limit {limit}: must be >= 1")
-    return [i * n_rows // limit for i in range(limit)]
-
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def read_adapter_config(path: str, flag: str = "--adapter") -> dict[str, Any]:
-    """The ``adapter_config.json`` of a saved PEFT LoRA adapter, checked; EvaluationError naming
-    ``flag`` and the file otherwise."""
-    import json
-    import os
-
-    if not os.path.isdir(path):
-        raise EvaluationError(f"{flag} {path!r}: no such folder (expected a saved LoRA adapter)")
-    missing = [f for f in ADAPTER_FILES if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        raise EvaluationError(
-            f"{flag} {path!r}: not a saved LoRA adapter (missing {', '.join(missing)}; a checkpoint-<step> "
-            "folder of scripts/train.py or models.policy.save_adapter writes both)"
-        )
-    config_file = os.path.join(path, ADAPTER_FILES[0])
-    try:
-        with open(config_file) as fh:
-            saved = json.load(fh)
-    except (OSError, json.JSONDecodeError) as err:
-        raise EvaluationError(f"{flag} {config_file!r}: cannot be read ({err})") from None
-    if saved.get("peft_type", "LORA") != "LORA":
-        raise EvaluationError(f"{flag} {config_file!r}: peft_type {saved.get('peft_type')!r}, expected LORA")
-    targets = saved.get("target_modules")
-    if not isinstance(targets, list) or not targets:
-        raise EvaluationError(
-            f"{flag} {config_file!r}: target_modules={targets!r}; expected a list of module names"
-        )
-    unsupported = [
-        k
-        for k in (
-            "use_rslora",
-            "use_dora",
-            "modules_to_save",
-            "rank_pattern",
-            "alpha_pattern",
-            "layers_to_transform",
-        )
-        if saved.get(k)
-    ]
-    if unsupported:
-        raise EvaluationError(
-            f"{flag} {config_file!r}: {', '.join(unsupported)} set; this project's LoRA has none of them"
-        )
-    for key in ("r", "lora_alpha"):
-        value = saved.get(key)
-        if not isinstance(value, (int, float)) or value <= 0 or float(value) != int(value):
-            raise EvaluationError(f"{flag} {config_file!r}: {key}={value!r}; expected a positive integer")
-    return saved
-
-
-def load_for_evaluation(config: Any, adapter: Optional[str] = None, device: Any = None):
-    """``(model, tokenizer)`` to evaluate: the policy of ``config`` with the LoRA adapter at ``adapter``,
-    or the base model when ``adapter`` is None.
-
-    Both go through the trainer's own loading (``models.policy.load_policy``, 4-bit unless
-    ``load_in_4bit: false``), so evaluation sees the weights as training did. The base is that policy
-    with a fresh LoRA, whose B matrices are zero: it adds exactly 0, the base model's outputs, and both
-    samplers (vLLM follows a policy through its adapter) treat base and adapter alike. An adapter's
-    rank, alpha and target modules come from its ``adapter_config.json``; its weights are loaded with
-    ``models.policy.load_adapter``.
-    """
-    from models.policy import load_adapter, load_policy
-
-    overrides: dict[str, Any] = {"gradient_checkpointing": False, "lora_dropout": 0.0}
-    if adapter is not None:
-        saved = read_adapter_config(adapter)
-        overrides.update(
-            lora_r=int(saved["r"]),
-            lora_alpha=int(saved["lora_alpha"]),
-            lora_target_modules=sorted(saved["target_modules"]),
-        )
-    model, tokenizer = load_policy(replace(config, **overrides), device)
-    if adapter is not None:
-        load_adapter(model, adapter)
-    model.eval()
-    return model, tokenizer
-
-
-# ============================================================================ markdown
-
-
-# (header, metric key, format): the columns of format_table, in order; pass@k columns follow.
-TABLE_COLUMNS = (
-    ("prompts", "n_prompts", "int"),
-    ("accuracy %", "accuracy", "pct"),
-    ("± SE", "accuracy_se", "pct"),
-    ("partial %", "partial_rate", "pct"),
-    ("strict format %", "strict_format_rate", "pct"),
-    ("answer type %", "answer_type_rate", "pct"),
-    ("mean reward", "mean_reward", "float3"),
-    ("mean length", "mean_completion_length", "float1"),
-    ("truncated %", "truncation_rate", "pct"),
-)
-
-
-def format_value(value: Any, kind: str) -> str:
-    """A metric as the tables print it: ``pct`` -> percent with one decimal, ``float3``/``float1`` ->
-    that many decimals, ``int`` as is; None (undefined, e.g. a standard error of one prompt) -> "-".
-
-    >>> format_value(0.4567, "pct"), format_value(3.14159, "float3"), format_value(None, "pct")
-    ('45.7', '3.142', '-')
-    """
-    if value is None:
-        return "-"
-    if kind == "pct":
-        return f"{100 * value:.1f}"
-    if kind == "float3":
-        return f"{value:.3f}"
-    if kind == "float1":
-        return f"{value:.1f}"
-    return str(value)
-
-
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]], align_left: int = 1) -> str:
-    lines = ["| " + " | ".join(header) + " |"]
-    lines.append("|" + "|".join(":---" if i < align_left else "---:" for i in range(len(header))) + "|")
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _pass_keys(metrics: Mapping[str, Any]) -> list[str]:
-    """The pass@k keys with k >= 2, in order (pass@1 is the accuracy: the tables do not repeat it)."""
-    return sorted((k for k in metrics if k.startswith("pass@") and k != "pass@1"), key=lambda k: int(k[5:]))
-
-
-def format_table(report: Mapping[str, Any]) -> str:
-    """The report as a markdown table: one row per source and one for all completions together.
-
-    Rates are percentages (one decimal), ``± SE`` is the standard error of accuracy in percentage
-    points; pass@k columns for k = 2, 4, ..., K follow (pass@1 is the accuracy). A line under the
-    table says K, the temperature and what accuracy means with K samples.
-    """
-    rows_by_name = {**report["sources"], ALL: report["all"]}
-    pass_keys = _pass_keys(report["all"])
-    header = ["source", *[h for h, _, _ in TABLE_COLUMNS], *[f"{k} %" for k in pass_keys]]
-    rows = [
-        [name, *[format_value(m[key], kind) for _, key, kind in TABLE_COLUMNS]]
-        + [format_value(m[k], "pct") for k in pass_keys]
-        for name, m in rows_by_name.items()
-    ]
-    return _markdown(header, rows) + "\n\n" + _footnote(report)
-
-
-def _footnote(report: Mapping[str, Any]) -> str:
-    settings = report.get("settings") or {}
-    temperature = settings.get("temperature")
-    how = "greedy" if temperature == 0 else f"temperature {temperature}"
-    samples = report["samples"]
-    note = (
-        f"K = {samples} sample(s) per prompt ({how}, max {settings.get('max_completion_length')} new tokens, "
-        f"sampler {report.get('sampler')}, seed {report.get('seed')})."
-    )
-    if samples > 1:
-        note += f" Accuracy is the mean over all {samples} samples of every prompt (= pass@1)."
-    else:
-        note += " With one sample, accuracy is pass@1; --samples K adds pass@k."
-    return note
-
-
-METRICS_COMPARED = (
-    ("accuracy", "accuracy", "pct"),
-    ("partial", "partial_rate", "pct"),
-    ("strict format", "strict_format_rate", "pct"),
-    ("answer type", "answer_type_rate", "pct"),
-    ("mean reward", "mean_reward", "float3"),
-    ("mean length", "mean_completion_length", "float1"),
-    ("truncated", "truncation_rate", "pct"),
-)
-
-
-def paired_accuracy_se(a_prompts: Sequence[Mapping], b_prompts: Sequence[Mapping]) -> Optional[float]:
-    """Standard error of (accuracy B - accuracy A) from the per-prompt differences, or None when the
-    two reports did not score the same prompts (or only one).
-
-    Pairing removes the spread between easy and hard questions, which both sides share: the
-    difference of two accuracies on the same prompts is far less noisy than each accuracy alone.
-    Example: per-prompt accuracies A [1, 0, 0], B [1, 1, 0] -> differences [0, 1, 0], std 0.577,
-    SE 0.577 / sqrt(3) = 0.333.
-    """
-    if len(a_prompts) != len(b_prompts) or len(a_prompts) < 2:
-        return None
-    if any(
-        pa["answer"] != pb["answer"] or pa["index"] != pb["index"]
-        for pa, pb in zip(a_prompts, b_prompts, strict=True)
-    ):
-        return None
-
-    def accuracy(p: Mapping) -> float:
-        return sum(c == FULL_CREDIT for c in p["correctness"]) / len(p["correctness"])
-
-    diffs = np.array([accuracy(pb) - accuracy(pa) for pa, pb in zip(a_prompts, b_prompts, strict=True)])
-    return float(diffs.std(ddof=1) / math.sqrt(len(diffs)))
-
-
-def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{source: {metric: {"a", "b", "difference" (b - a)}}}`` over the sources both reports have
-    (and "all"); the accuracy entry also holds ``difference_se`` (``paired_accuracy_se``)."""
-    names = [n for n in a["sources"] if n in b["sources"]] + [ALL]
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for name in names:
-        ma = a["all"] if name == ALL else a["sources"][name]
-        mb = b["all"] if name == ALL else b["sources"][name]
-        keys = [key for _, key, _ in METRICS_COMPARED] + [k for k in _pass_keys(ma) if k in mb]
-        out[name] = {key: {"a": ma[key], "b": mb[key], "difference": mb[key] - ma[key]} for key in keys}
-        if name == ALL:
-            pa = [dict(p, index=(s, p["index"])) for s in names[:-1] for p in a["prompts"].get(s, [])]
-            pb = [dict(p, index=(s, p["index"])) for s in names[:-1] for p in b["prompts"].get(s, [])]
-        else:
-            pa, pb = a["prompts"].get(name, []), b["prompts"].get(name, [])
-        out[name]["accuracy"]["difference_se"] = paired_accuracy_se(pa, pb)
-    return out
-
-
-def format_comparison(
-    a: Mapping[str, Any], b: Mapping[str, Any], labels: tuple[str, str] = ("A", "B")
-) -> str:
-    """Two reports side by side: one row per (source, metric) with A, B and B - A.
-
-    Rates and differences are in percent / percentage points. For accuracy, ``SE`` is the paired
-    standard error of the difference (``paired_accuracy_se``): a difference of less than about two SE
-    is within the noise of this many questions.
-    """
-    comparison = compare_reports(a, b)
-    kinds = {key: kind for _, key, kind in METRICS_COMPARED}
-    names = {key: name for name, key, _ in METRICS_COMPARED}
-    header = ["source", "metric", labels[0], labels[1], f"{labels[1]} − {labels[0]}", "SE of difference"]
-    rows = []
-    for source, metrics in comparison.items():
-        for key, values in metrics.items():
-            kind = kinds.get(key, "pct")
-            diff = format_value(values["difference"], kind)
-            if values["difference"] is not None and values["difference"] >= 0 and diff != "-":
-                diff = "+" + diff
-            se = format_value(values["difference_se"], "pct") if "difference_se" in values else ""
-            label = names.get(key, key) + (" %" if kind == "pct" else "")
-            rows.append(
-                [source, label, format_value(values["a"], kind), format_value(values["b"], kind), diff, se]
-            )
-    return _markdown(header, rows, align_left=2) + "\n\n" + _footnote(b)
 
 
 # ============================================================================ during training

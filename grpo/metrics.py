@@ -17,8 +17,7 @@ import torch
 from einops import rearrange
 
 from grpo.advantages import frac_zero_std_groups
-
-CORRECT = 2.0  # correctness_reward_func gives 2.0 for an exact answer
+from rewards.answer import FULL_CREDIT
 
 
 def reward_metrics(
@@ -51,8 +50,44 @@ def reward_metrics(
         index = torch.tensor(idx)
         out[f"reward/{source}"] = rewards[index].mean().item()
         if correctness is not None:
-            out[f"accuracy/{source}"] = (correctness[index] == CORRECT).float().mean().item()
+            out[f"accuracy/{source}"] = (correctness[index] == FULL_CREDIT).float().mean().item()
     return out
+
+
+def sampler_mismatch(
+    sampler_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """How far the sampler's log-probs are from the trainer's for the same tokens.
+
+    sampler_logp, trainer_logp, mask: [N, T]. Returns
+      ``mismatch/logp_abs_diff`` mean over real tokens of |trainer - sampler|,
+      ``mismatch/logp_abs_diff_max`` its max, and for the sequence-level importance ratio
+      ``exp(sum_t (trainer - sampler))`` (the factor by which the trainer's policy is more likely to
+      produce the whole completion than the sampler was) its ``mismatch/seq_ratio_mean``, ``_min``, ``_max``.
+
+    Both sides are log-probs of the sampled token at temperature T (see the module docstring). The two
+    differ because vLLM runs other kernels (and, with a 4-bit trainer, a 16-bit base: docs/SAMPLING.md).
+
+    Example: sampler [[-1.0, -2.0]], trainer [[-1.1, -1.8]], mask [[1, 1]] -> abs diff mean 0.15,
+    max 0.2, sequence ratio exp(-0.1 + 0.2) = exp(0.1) = 1.105.
+    """
+    if not (sampler_logp.shape == trainer_logp.shape == mask.shape):
+        raise ValueError(
+            f"shapes differ: sampler_logp {tuple(sampler_logp.shape)}, trainer_logp "
+            f"{tuple(trainer_logp.shape)}, mask {tuple(mask.shape)}"
+        )
+    mask = mask.detach().double()
+    diff = (trainer_logp.detach().double() - sampler_logp.detach().double()) * mask
+    tokens = mask.sum().clamp(min=1)
+    seq_ratio = torch.exp(diff.sum(dim=1))  # float64: sums over long completions stay finite far longer
+    abs_diff = diff.abs()
+    return {
+        "mismatch/logp_abs_diff": (abs_diff.sum() / tokens).item(),
+        "mismatch/logp_abs_diff_max": abs_diff.max().item(),
+        "mismatch/seq_ratio_mean": seq_ratio.mean().item(),
+        "mismatch/seq_ratio_min": seq_ratio.min().item(),
+        "mismatch/seq_ratio_max": seq_ratio.max().item(),
+    }
 
 
 def length_metrics(lengths: torch.Tensor, truncated: torch.Tensor) -> dict[str, float]:

@@ -1,19 +1,17 @@
-"""Rollouts: a batch of prompts -> G completions each from the sampler -> rewards.
+"""Rollouts: a batch of prompts -> G completions each from the sampler, padded into the trainer's tensors.
 
-The first three arrows of GRPO's step (DeepSeekMath, Algorithm 1). Everything here is about data;
-the model only appears behind the sampler.
+The second arrow of GRPO's step (DeepSeekMath, Algorithm 1). Everything here is about data; the model only
+appears behind the sampler (``models/samplers.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from models.samplers import Completion, Sampler, collate
-from rewards import combine_rewards
+from models.samplers import Completion, Sampler
 
 
 @dataclass
@@ -22,7 +20,7 @@ class Rollout:
 
     rows: the P dataset rows (``prompt``, ``answer``, ``db_set``, ...).
     completions: the N sampled completions (token ids, text, truncated, sampler log-probs).
-    batch: tensors from ``models.samplers.collate``: input_ids / attention_mask [N, Lp + T]
+    batch: tensors from ``collate``: input_ids / attention_mask [N, Lp + T]
       (rows are [left-padded prompt | right-padded completion]), completion_mask [N, T],
       completion_lengths [N], truncated [N], sampler_logp [N, T].
     columns: every dataset column (but ``prompt``) repeated G times: what reward functions get.
@@ -38,17 +36,13 @@ class Rollout:
         return [c.text for c in self.completions]
 
 
-def sample_prompts(stream: Any, position: int, count: int) -> list[dict]:
-    """``count`` prompt rows starting at ``position`` of the (endless, seeded) training stream."""
-    return stream.rows(position, count)
-
-
 def generate_rollout(sampler: Sampler, rows: list[dict], group_size: int, seed: int, pad_id: int) -> Rollout:
     """Sample ``group_size`` completions per row with the current policy and collate them.
 
-    Reproducible for a given seed, which is what makes a resumed run repeat the same samples.
+    The chat template is applied here, once. Reproducible for a given seed, which is what makes a resumed
+    run repeat the same samples.
     """
-    prompt_ids = sampler.encode([row["prompt"] for row in rows])  # chat template applied once, here
+    prompt_ids = sampler.encode([row["prompt"] for row in rows])
     completions = sampler.generate(prompt_ids, group_size, seed=seed)
     batch = collate(prompt_ids, completions, pad_id)
     columns = {
@@ -57,8 +51,53 @@ def generate_rollout(sampler: Sampler, rows: list[dict], group_size: int, seed: 
     return Rollout(rows=rows, completions=completions, batch=batch, columns=columns)
 
 
-def score_rollout(
-    rollout: Rollout, reward_funcs: Sequence[str], reward_weights: Sequence[float] | None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Every reward function on every completion; returns (weighted total [N], {name: [N] unweighted})."""
-    return combine_rewards(rollout.texts, rollout.columns, reward_funcs, reward_weights)
+def collate(
+    prompt_ids: Sequence[Sequence[int]], outputs: Sequence[Completion], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Pad prompts (left) and completions (right) into the tensors the trainer needs.
+
+    prompt_ids: P lists of ids; outputs: N completions (``prompt_index`` says whose). Returns
+      prompt_ids [N, Lp] (left-padded), prompt_mask [N, Lp], completion_ids [N, T] (right-padded),
+      completion_mask [N, T] float (1 on real tokens, EOS included), input_ids / attention_mask [N, Lp + T]
+      (rows are [left-padded prompt | right-padded completion]), sampler_logp [N, T] (0 on padding),
+      completion_lengths [N] long, truncated [N] bool.
+
+    The masks come from the lengths, never from comparing ids with pad_id: the pad may equal the EOS.
+
+    Example: prompts [[5, 6], [7]], completions (prompt 0: [8, 2]), (prompt 1: [9]) with pad 0 ->
+    prompt_ids [[5, 6], [0, 7]], completion_ids [[8, 2], [9, 0]], completion_mask [[1, 1], [1, 0]].
+    """
+    if not outputs:
+        raise ValueError("collate needs at least one completion")
+    rows = [list(prompt_ids[o.prompt_index]) for o in outputs]
+    n = len(outputs)
+    prompt_len = max(len(r) for r in rows)
+    comp_len = max(1, max(len(o.token_ids) for o in outputs))
+    p_ids = torch.full((n, prompt_len), pad_id, dtype=torch.long)
+    p_mask = torch.zeros((n, prompt_len), dtype=torch.long)
+    c_ids = torch.full((n, comp_len), pad_id, dtype=torch.long)
+    c_logp = torch.zeros((n, comp_len), dtype=torch.float32)
+    lengths = torch.tensor([len(o.token_ids) for o in outputs], dtype=torch.long)
+    for i, (row, out) in enumerate(zip(rows, outputs, strict=True)):
+        if len(out.logprobs) != len(out.token_ids):
+            raise ValueError(
+                f"completion {i}: {len(out.token_ids)} token ids but {len(out.logprobs)} log-probs"
+            )
+        if row:
+            p_ids[i, prompt_len - len(row) :] = torch.tensor(row)
+            p_mask[i, prompt_len - len(row) :] = 1
+        if out.token_ids:
+            c_ids[i, : len(out.token_ids)] = torch.tensor(out.token_ids)
+            c_logp[i, : len(out.token_ids)] = torch.tensor(out.logprobs)
+    c_mask = (torch.arange(comp_len)[None, :] < lengths[:, None]).float()
+    return {
+        "prompt_ids": p_ids,
+        "prompt_mask": p_mask,
+        "completion_ids": c_ids,
+        "completion_mask": c_mask,
+        "input_ids": torch.cat([p_ids, c_ids], dim=1),
+        "attention_mask": torch.cat([p_mask, c_mask.long()], dim=1),
+        "sampler_logp": c_logp,
+        "completion_lengths": lengths,
+        "truncated": torch.tensor([o.truncated for o in outputs], dtype=torch.bool),
+    }

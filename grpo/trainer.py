@@ -10,6 +10,21 @@
 
 ``train`` wraps it with what a real run needs: accelerate (one or many processes, data parallel),
 the optimiser and schedule, checkpoints and exact resume, metrics, a progress bar and a plot.
+
+Where this departs from DeepSeekMath's Algorithm 1:
+
+1. The reference model is not a frozen copy: it is the policy with its LoRA adapter switched off
+   (``models.policy.reference_model``), i.e. the base model, which costs no memory. It never moves
+   (Algorithm 1 resets it to the policy every outer iteration; we run one outer iteration).
+2. Only a rank-r LoRA adapter is trained, on a 4-bit NF4 base (QLoRA), with bitsandbytes' 8-bit AdamW.
+3. The sampler may be another engine: vLLM holds the base in 16 bit while the trainer holds NF4, so its
+   samples are slightly off-policy (``mismatch/*`` measures how much).
+4. With ``mask_truncated_completions`` a completion cut at ``max_completion_length`` is left out of the
+   loss (DAPO): its reward says nothing about a finished answer.
+5. The per-token KL uses Schulman's k3 estimator by default, as GRPO does, but k1 and k2 are selectable;
+   ``loss_type`` changes how token losses are averaged (``grpo`` is the paper's per-sequence mean).
+6. Gradients are clipped at ``max_grad_norm`` and a non-finite update is skipped (counted, and a few in
+   a row stop the run with a checkpoint).
 """
 
 from __future__ import annotations
@@ -18,9 +33,10 @@ import contextlib
 import io
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -35,11 +51,19 @@ from grpo.checkpoint import (
 from grpo.config import GRPOConfig
 from grpo.evaluation import eval_subset, evaluate_rows
 from grpo.loss import policy_loss
-from grpo.metrics import MetricsLogger, length_metrics, plot_metrics, reward_metrics
-from grpo.rollout import Rollout, generate_rollout, sample_prompts, score_rollout
+from grpo.metrics import MetricsLogger, length_metrics, plot_metrics, reward_metrics, sampler_mismatch
+from grpo.rollout import Rollout, generate_rollout
 from models.forward import completion_logprobs
 from models.policy import reference_model
-from models.samplers import sampler_mismatch
+from rewards import combine_rewards
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+    from data.mixture import MixtureStream
+    from models.samplers import Sampler
 
 
 class TrainingError(RuntimeError):
@@ -61,13 +85,13 @@ class Run:
     """The live objects of a run, passed to each step."""
 
     config: GRPOConfig
-    accelerator: Any
-    model: Any
-    tokenizer: Any
-    sampler: Any
+    accelerator: Accelerator
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    sampler: Sampler
     optimizer: torch.optim.Optimizer
-    scheduler: Any
-    train_data: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_data: MixtureStream
     state: TrainerState = field(default_factory=TrainerState)
 
     @property
@@ -75,90 +99,111 @@ class Run:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
+class PhaseTimer:
+    """Seconds spent in each phase of a step, as ``time/<phase>`` metrics.
+
+    >>> timer = PhaseTimer()
+    >>> with timer("generate"):
+    ...     pass
+    >>> list(timer.seconds)
+    ['time/generate']
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"time/{phase}"
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
+
+
 # ============================================================================ the GRPO step
 
 
-def grpo_step(run: Run) -> list[dict[str, float]]:
+def grpo_step(run: Run) -> list[dict[str, Any]]:
     """One iteration of GRPO; returns one metrics record per optimiser step (num_iterations of them)."""
-    cfg, acc, state = run.config, run.accelerator, run.state
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
+    cfg, accelerator, state = run.config, run.accelerator, run.state
+    timer = PhaseTimer()
 
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[f"time/{name}"] = now - clock
-        clock = now
-
-    # 1. Sample a batch of prompts (each process its own slice of the stream).
+    # 1. Sample a batch of prompts: each process its own slice of the seeded, endless stream.
     prompts_per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    start = state.data_position + acc.process_index * prompts_per_process
-    rows = sample_prompts(run.train_data, start, prompts_per_process)
-    state.data_position += prompts_per_process * acc.num_processes
+    start = state.data_position + accelerator.process_index * prompts_per_process
+    rows = run.train_data.rows(start, prompts_per_process)
+    state.data_position += prompts_per_process * accelerator.num_processes
 
     # 2. G completions per prompt from the current policy.
-    rollout = generate_rollout(
-        run.sampler,
-        rows,
-        cfg.num_generations,
-        seed=step_seed(cfg.seed, state.step, acc.process_index),
-        pad_id=run.tokenizer.pad_token_id,
-    )
-    batch = {k: v.to(acc.device) for k, v in rollout.batch.items()}
-    loss_mask = batch["completion_mask"]
-    if cfg.mask_truncated_completions:  # a cut-off completion has no honest reward: leave it out
-        loss_mask = loss_mask * (~batch["truncated"]).float()[:, None]
-    lap("generate")
+    with timer("generate"):
+        seed = step_seed(cfg.seed, state.step, accelerator.process_index)
+        rollout = generate_rollout(run.sampler, rows, cfg.num_generations, seed, run.tokenizer.pad_token_id)
+    batch = {k: v.to(accelerator.device) for k, v in rollout.batch.items()}
 
     # 3. Score them: each reward function, then the weighted sum.
-    rewards, rewards_per_func = score_rollout(rollout, cfg.reward_funcs, cfg.reward_weights)
-    lap("score")
+    with timer("score"):
+        rewards, rewards_per_func = combine_rewards(
+            rollout.texts, rollout.columns, cfg.reward_funcs, cfg.reward_weights
+        )
 
     # 4. Group-normalised advantages.
-    advantages = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards).to(acc.device)
+    advantages = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards).to(
+        accelerator.device
+    )
 
     # 5. Old and reference log-probs, no grad. With mu = 1 the sampling policy is the current one,
     #    so old_logp is logp.detach() inside the loss; the reference is the adapter switched off.
-    old_logp = batched_logprobs(run, batch, reference=False) if cfg.num_iterations > 1 else None
-    ref_logp = batched_logprobs(run, batch, reference=True) if cfg.beta > 0 else None
-    lap("old_ref_logprobs")
+    with timer("old_ref_logprobs"):
+        old_logp = batched_logprobs(run, batch, reference=False) if cfg.num_iterations > 1 else None
+        ref_logp = batched_logprobs(run, batch, reference=True) if cfg.beta > 0 else None
 
     # 6. mu policy updates on this batch of samples.
+    sample_metrics = {
+        **global_reward_metrics(accelerator, rewards, rewards_per_func, rollout.columns["db_set"], cfg),
+        **length_metrics(batch["completion_lengths"].float(), batch["truncated"]),
+    }
+    loss_mask = batch["completion_mask"]
+    if cfg.mask_truncated_completions:  # a cut-off completion has no honest reward: leave it out
+        loss_mask = loss_mask * (~batch["truncated"]).float()[:, None]
     records = []
     for iteration in range(cfg.num_iterations):
-        update, logp = policy_update(run, batch, loss_mask, advantages, old_logp, ref_logp)
-        lap("policy_update")
+        with timer("policy_update"):
+            update, logp = policy_update(run, batch, loss_mask, advantages, old_logp, ref_logp)
+        with timer("optimizer"):
+            update.update(optimizer_step(run, update["loss"]))
         if iteration == 0:  # sampler vs trainer only means something before the policy has moved
             update.update(sampler_mismatch(batch["sampler_logp"], logp, batch["completion_mask"]))
-        record = {
-            "step": state.step,
-            "iteration": iteration,
-            **global_reward_metrics(
-                acc, rewards, rewards_per_func, rollout.columns["db_set"], cfg.num_generations
-            ),
-            **length_metrics(batch["completion_lengths"].float(), batch["truncated"]),
-            **update,
-            **timings,
-        }
-        records.append(record)
+        records.append({"step": state.step, "iteration": iteration, **sample_metrics, **update})
 
     # 7. Hand the new adapter to the sampler.
-    run.sampler.update_policy(acc.unwrap_model(run.model))
-    lap("sync")
-    records[-1]["time/sync"] = timings["time/sync"]
+    with timer("sync"):
+        run.sampler.update_policy(accelerator.unwrap_model(run.model))
+    for record in records:
+        record.update(timer.seconds)
     records[-1]["sample"] = sample_record(rollout, rewards)
     return records
 
 
-def global_reward_metrics(acc, rewards, rewards_per_func, db_sets, group_size) -> dict[str, float]:
+def global_reward_metrics(
+    accelerator: Accelerator,
+    rewards: torch.Tensor,
+    rewards_per_func: dict[str, torch.Tensor],
+    db_sets: list[str],
+    cfg: GRPOConfig,
+) -> dict[str, float]:
     """Reward metrics over the samples of every process (gathered), not only this one's."""
-    if acc.num_processes > 1:
+    if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        rewards = acc.gather(rewards.to(acc.device)).cpu()
-        rewards_per_func = {k: acc.gather(v.to(acc.device)).cpu() for k, v in rewards_per_func.items()}
+        rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()
+        rewards_per_func = {
+            k: accelerator.gather(v.to(accelerator.device)).cpu() for k, v in rewards_per_func.items()
+        }
         db_sets = gather_object(list(db_sets))
-    return {"num_completions": len(rewards), **reward_metrics(rewards, rewards_per_func, db_sets, group_size)}
+    metrics = reward_metrics(rewards, rewards_per_func, db_sets, cfg.num_generations)
+    return {"num_completions": len(rewards), **metrics}
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -194,7 +239,9 @@ def trim(batch: dict[str, torch.Tensor], rows: slice, prompt_len: int) -> dict[s
     return out
 
 
-def _logprobs(run: Run, micro: dict[str, torch.Tensor], return_entropy: bool = False):
+def micro_batch_logprobs(run: Run, micro: dict[str, torch.Tensor], return_entropy: bool = False):
+    """log pi(c_t | prompt, c_<t) [n, t] of one micro-batch under the model as it is now (with the
+    adapter, unless called inside ``reference_model``), and the per-token entropy when asked."""
     return completion_logprobs(
         run.model,
         micro["input_ids"],
@@ -206,7 +253,8 @@ def _logprobs(run: Run, micro: dict[str, torch.Tensor], return_entropy: bool = F
     )
 
 
-def _micro_size(cfg: GRPOConfig) -> int:
+def micro_batch_size(cfg: GRPOConfig) -> int:
+    """Completions per forward/backward pass: train_micro_batch_size, default a micro-step's P x G."""
     return cfg.train_micro_batch_size or cfg.per_device_train_batch_size * cfg.num_generations
 
 
@@ -219,14 +267,10 @@ def batched_logprobs(run: Run, batch: dict[str, torch.Tensor], reference: bool) 
     prompt_len = batch["input_ids"].shape[1] - t
     out = torch.zeros(n, t, device=batch["input_ids"].device)
     model = run.accelerator.unwrap_model(run.model)
-    with torch.no_grad():
-        for rows in micro_batches(n, _micro_size(run.config)):
-            micro = trim(batch, rows, prompt_len)
-            if reference:
-                with reference_model(model):
-                    logp = _logprobs(run, micro)
-            else:
-                logp = _logprobs(run, micro)
+    adapter = reference_model(model) if reference else contextlib.nullcontext()
+    with torch.no_grad(), adapter:
+        for rows in micro_batches(n, micro_batch_size(run.config)):
+            logp = micro_batch_logprobs(run, trim(batch, rows, prompt_len))
             out[rows, : logp.shape[1]] = logp
     return out
 
@@ -250,23 +294,23 @@ def policy_update(
     old_logp: torch.Tensor | None,
     ref_logp: torch.Tensor | None,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """One optimiser step of the clipped GRPO objective on the whole batch (micro-batched).
+    """The gradient of the clipped GRPO objective on the whole batch, accumulated micro-batch by micro-batch.
 
-    Gradients of all processes are averaged, clipped at max_grad_norm, and a non-finite update is
-    skipped and counted (several in a row stop the run). Returns the metrics and the (detached)
-    log-probs [N, T] the loss was computed from.
+    batch: the rollout's tensors [N, ...]; loss_mask [N, T]; advantages [N]; old_logp, ref_logp [N, T] or
+    None. Returns the loss metrics and the (detached) log-probs [N, T] the loss was computed from; the
+    optimiser step is ``optimizer_step``.
     """
-    cfg, acc, state = run.config, run.accelerator, run.state
+    cfg = run.config
     n, t = loss_mask.shape
     prompt_len = batch["input_ids"].shape[1] - t
     sums: dict[str, float] = {}
     trainer_logp = torch.zeros_like(batch["sampler_logp"])
     entropy_sum = entropy_tokens = 0.0
-    for rows in micro_batches(n, _micro_size(cfg)):
+    for rows in micro_batches(n, micro_batch_size(cfg)):
         micro = trim(batch, rows, prompt_len)
         width = micro["completion_mask"].shape[1]
         micro_mask = loss_mask[rows, :width]
-        logp, entropy = _logprobs(run, micro, return_entropy=True)
+        logp, entropy = micro_batch_logprobs(run, micro, return_entropy=True)
         loss, metrics = policy_loss(
             logp,
             None if old_logp is None else old_logp[rows, :width],
@@ -281,17 +325,30 @@ def policy_update(
             max_completion_length=cfg.max_completion_length,
         )
         weight = micro_batch_weight(cfg.loss_type, micro_mask, loss_mask)
-        acc.backward(loss * weight)
+        run.accelerator.backward(loss * weight)
         for key, value in {"loss": loss.item(), **metrics}.items():
             sums[key] = sums.get(key, 0.0) + value * weight
         entropy_sum += (entropy * micro["completion_mask"]).sum().item()
         entropy_tokens += micro["completion_mask"].sum().item()
         trainer_logp[rows, :width] = logp.detach()
+    metrics = {
+        **sums,
+        "clip_ratio": sums["clip_ratio/region"],
+        "entropy": entropy_sum / max(entropy_tokens, 1.0),
+    }
+    return metrics, trainer_logp
 
-    optimizer_started = time.perf_counter()
-    average_gradients(run.trainable_params, acc)
+
+def optimizer_step(run: Run, loss: float) -> dict[str, float]:
+    """Average the gradients over processes, clip them, step the optimiser and the schedule.
+
+    A non-finite loss or gradient norm skips the update (counted); ``max_nonfinite_updates`` of them in a
+    row raise TrainingError. Returns grad_norm, lr and skipped_updates.
+    """
+    cfg, state = run.config, run.state
+    average_gradients(run.trainable_params, run.accelerator)
     grad_norm = clip_gradients(run.trainable_params, cfg.max_grad_norm)
-    finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
+    finite = math.isfinite(grad_norm) and math.isfinite(loss)
     if finite:
         run.optimizer.step()
         state.nonfinite_streak = 0
@@ -302,25 +359,15 @@ def policy_update(
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
     state.step += 1
-
-    out = {
-        **sums,
-        "clip_ratio": sums["clip_ratio/region"],
-        "grad_norm": grad_norm,
-        "lr": lr,
-        "entropy": entropy_sum / max(entropy_tokens, 1.0),
-        "skipped_updates": state.skipped_updates,
-        "time/optimizer": time.perf_counter() - optimizer_started,
-    }
     if not finite and state.nonfinite_streak >= cfg.max_nonfinite_updates:
         raise TrainingError(
             f"step {state.step}: {state.nonfinite_streak} non-finite updates in a row "
-            f"(loss {sums['loss']}, grad_norm {grad_norm}); lower learning_rate or check the data"
+            f"(loss {loss}, grad_norm {grad_norm}); lower learning_rate or check the data"
         )
-    return out, trainer_logp
+    return {"grad_norm": grad_norm, "lr": lr, "skipped_updates": state.skipped_updates}
 
 
-def average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
+def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
     """Data parallel: replace each gradient by its mean over processes (one flat all-reduce).
 
     We do this by hand instead of wrapping the model in DistributedDataParallel: the policy is called
@@ -370,7 +417,7 @@ def make_optimizer(cfg: GRPOConfig, params: list[torch.nn.Parameter]) -> torch.o
     return torch.optim.AdamW(params, **kwargs)
 
 
-def make_scheduler(cfg: GRPOConfig, optimizer: torch.optim.Optimizer):
+def make_scheduler(cfg: GRPOConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warmup over warmup_ratio * max_steps, then cosine / linear decay (or constant)."""
     from transformers import get_scheduler
 
@@ -389,29 +436,32 @@ def setup(cfg: GRPOConfig) -> Run:
     from accelerate.utils import set_seed
 
     from data.mixture import build_train_dataset
-    from models.policy import load_policy
+    from models.policy import load_policy, resolve_dtype, resolve_model_path
     from models.samplers import make_sampler
 
     accelerator = Accelerator()
     set_seed(cfg.seed)  # the same seed on every process: identical LoRA initialisation everywhere
-    say = accelerator.print
-    say(f"device: {accelerator.device}, processes: {accelerator.num_processes}")
-    model, tokenizer = load_policy(cfg, device=accelerator.device)
+    accelerator.print(f"device: {accelerator.device}, processes: {accelerator.num_processes}")
+    model_path = resolve_model_path(cfg.model_name_or_path)
+    model, tokenizer = load_policy(cfg, device=accelerator.device, path=model_path)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    say(
+    accelerator.print(
         f"model: {cfg.model_name_or_path} ({'4-bit NF4' if cfg.load_in_4bit else '16-bit'}), "
         f"LoRA r={cfg.lora_r}: {sum(p.numel() for p in trainable):,} trainable parameters"
     )
     train_data = build_train_dataset(cfg, tokenizer)
     optimizer = make_optimizer(cfg, trainable)
-    say(f"optimizer: {type(optimizer).__module__}.{type(optimizer).__name__} on {accelerator.device}")
+    accelerator.print(
+        f"optimizer: {type(optimizer).__module__}.{type(optimizer).__name__} on {accelerator.device}"
+    )
     scheduler = make_scheduler(cfg, optimizer)
     # every process samples for its own prompts; only the main one says which sampler it is
     quiet = (
         contextlib.nullcontext() if accelerator.is_main_process else contextlib.redirect_stdout(io.StringIO())
     )
     with quiet:
-        sampler = make_sampler(cfg, model, tokenizer)
+        dtype = resolve_dtype(cfg.dtype, accelerator.device)
+        sampler = make_sampler(cfg, model, tokenizer, model_path, dtype)
     return Run(cfg, accelerator, model, tokenizer, sampler, optimizer, scheduler, train_data)
 
 
@@ -422,19 +472,24 @@ def train(cfg: GRPOConfig) -> Path:
 
 def fit(run: Run) -> Path:
     """The outer loop: resume if asked, GRPO steps, metrics, checkpoints, and the plot at the end."""
-    cfg, acc, state = run.config, run.accelerator, run.state
+    cfg, accelerator, state = run.config, run.accelerator, run.state
     output_dir = Path(cfg.output_dir)
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         for stale in remove_incomplete_checkpoints(output_dir):
             print(f"removed {stale}: a save that was interrupted")
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
     if cfg.resume_from_checkpoint:
         path = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
-        saved = load_checkpoint(path, acc.unwrap_model(run.model), run.optimizer, run.scheduler, acc)
+        policy = accelerator.unwrap_model(run.model)
+        saved = load_checkpoint(path, policy, run.optimizer, run.scheduler, accelerator)
         run.state = state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__})
-        run.sampler.update_policy(acc.unwrap_model(run.model))
-        acc.print(f"resumed from {path} at step {state.step}")
-    logger = MetricsLogger(output_dir, cfg.report_to, resume_step=state.step) if acc.is_main_process else None
+        run.sampler.update_policy(policy)
+        accelerator.print(f"resumed from {path} at step {state.step}")
+    logger = (
+        MetricsLogger(output_dir, cfg.report_to, resume_step=state.step)
+        if accelerator.is_main_process
+        else None
+    )
     last_saved = state.step
 
     def checkpoint() -> Path:
@@ -442,12 +497,12 @@ def fit(run: Run) -> Path:
         last_saved = state.step
         trainer_state = {**vars(state), "config": cfg.to_dict()}
         return save_checkpoint(
-            output_dir, state.step, run.model, run.optimizer, run.scheduler, trainer_state, acc
+            output_dir, state.step, run.model, run.optimizer, run.scheduler, trainer_state, accelerator
         )
 
     # a small fixed evaluation subset, scored greedily every eval_steps (the same on every process)
     eval_rows = eval_subset(cfg, run.tokenizer, size=cfg.eval_size) if cfg.eval_steps else []
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="GRPO", disable=not acc.is_main_process)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="GRPO", disable=not accelerator.is_main_process)
     try:
         while state.step < cfg.max_steps:
             started = time.perf_counter()
@@ -478,7 +533,7 @@ def fit(run: Run) -> Path:
         if logger is not None:
             logger.close()
     final = output_dir / f"checkpoint-{last_saved}"
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         plot = plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
         print(f"adapter: {final}\nmetrics: {output_dir / 'metrics.jsonl'}\nplot:    {plot}")
     run.sampler.close()

@@ -3,7 +3,7 @@
 A causal LM's forward ends with ``logits = lm_head(hidden)``: [N, L, V] numbers, 151,936 per position
 for Qwen2.5. GRPO needs one of them per completion token (the sampled one, after log-softmax). So we
 stop the model one step early: the decoder body gives the final hidden states [N, L, H], we keep only
-the positions that predict a completion token, and ``grpo.logprobs.token_logprobs`` turns
+the positions that predict a completion token, and ``kernels.logprobs.token_logprobs`` turns
 (hidden [M, H], lm_head weight [V, H], targets [M]) into log-probs [M] without holding [M, V].
 
 Row layout (one row per completion, N rows)::
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from grpo.logprobs import token_logprobs
+from kernels.logprobs import token_logprobs
 
 
 def _unwrap(model):

@@ -25,20 +25,21 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from models.tiny import TINY_MODELS, resolve_tiny_model
-
-if TYPE_CHECKING:
-    from grpo.config import GRPOConfig
 
 DeviceLike = Union[str, torch.device, None]
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 # What a model folder needs from the hub (no PyTorch .bin duplicates, no ONNX / GGUF variants).
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
+
+
+class AdapterError(ValueError):
+    """A saved LoRA adapter that cannot be used (missing files, another LoRA shape): names the file."""
 
 
 class ModelLoadError(OSError):
@@ -166,7 +167,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, name: Optional[st
     return tokenizer
 
 
-def load_base_model(config: GRPOConfig, device: DeviceLike = None, path: Optional[str] = None):
+def load_base_model(config: Any, device: DeviceLike = None, path: Optional[str] = None):
     """The base ``AutoModelForCausalLM`` (4-bit NF4 or 16-bit), no adapter, frozen, on `device`.
 
     `path` skips resolving ``config.model_name_or_path`` again (load_policy resolves it once).
@@ -211,7 +212,7 @@ def _keep_one_cpu_4bit_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_policy(config: GRPOConfig, device: DeviceLike = None):
+def load_policy(config: Any, device: DeviceLike = None, path: Optional[str] = None):
     """Load the trainable policy: the base (4-bit NF4 unless ``load_in_4bit: false``) plus a fresh LoRA.
 
     Args:
@@ -219,6 +220,8 @@ def load_policy(config: GRPOConfig, device: DeviceLike = None):
             bnb_4bit_use_double_quant, dtype, lora_r, lora_alpha, lora_dropout, lora_target_modules,
             gradient_checkpointing, seed.
         device: where the model lives; default cuda if available, else cpu.
+        path: the local model folder when the caller resolved ``model_name_or_path`` already
+            (``resolve_model_path``); resolved here otherwise.
 
     Returns:
         (model, tokenizer): a ``peft.PeftModel`` whose only trainable parameters are the LoRA A and B
@@ -229,7 +232,7 @@ def load_policy(config: GRPOConfig, device: DeviceLike = None):
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    path = resolve_model_path(config.model_name_or_path)
+    path = path or resolve_model_path(config.model_name_or_path)
     tokenizer = load_tokenizer(path, config.trust_remote_code, name=config.model_name_or_path)
     model = load_base_model(config, device, path=path)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -301,24 +304,24 @@ def load_adapter(model, path: str) -> None:
     """Load saved LoRA weights into `model` (a PeftModel from ``load_policy``) in place.
 
     In place, so an optimiser built on the model's parameters stays valid (checkpoint resume).
-    The saved adapter must have the model's rank, alpha and target modules; ModelLoadError if not.
+    The saved adapter must have the model's rank, alpha and target modules; AdapterError if not.
     """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     config_file, weights_file = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
     if not (os.path.isfile(config_file) and os.path.isfile(weights_file)):
-        raise FileNotFoundError(f"adapter {path!r}: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} there")
+        raise AdapterError(f"adapter {path!r}: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} there")
     with open(config_file) as fh:
         saved = json.load(fh)
     current = model.peft_config["default"]
     for key in ("r", "lora_alpha"):
         if saved.get(key) != getattr(current, key):
-            raise ValueError(
+            raise AdapterError(
                 f"adapter {path!r}: {key}={saved.get(key)!r} but the model has {getattr(current, key)!r}"
             )
     if set(saved.get("target_modules") or []) != set(current.target_modules):
-        raise ValueError(
+        raise AdapterError(
             f"adapter {path!r}: target_modules={sorted(saved.get('target_modules') or [])} "
             f"but the model has {sorted(current.target_modules)}"
         )
@@ -326,9 +329,86 @@ def load_adapter(model, path: str) -> None:
     result = set_peft_model_state_dict(model, load_file(weights_file, device=str(device)))
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise AdapterError(
             f"adapter {path!r} does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
         )
+
+
+def read_adapter_config(path: str, flag: str = "--adapter") -> dict[str, Any]:
+    """The ``adapter_config.json`` of a saved PEFT LoRA adapter, checked; AdapterError naming
+    ``flag`` (the command-line flag that gave the path) and the file otherwise."""
+    if not os.path.isdir(path):
+        raise AdapterError(f"{flag} {path!r}: no such folder (expected a saved LoRA adapter)")
+    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise AdapterError(
+            f"{flag} {path!r}: not a saved LoRA adapter (missing {', '.join(missing)}; a checkpoint-<step> "
+            "folder of scripts/train.py or models.policy.save_adapter writes both)"
+        )
+    config_file = os.path.join(path, ADAPTER_CONFIG)
+    try:
+        with open(config_file) as fh:
+            saved = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise AdapterError(f"{flag} {config_file!r}: cannot be read ({err})") from None
+    if saved.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{flag} {config_file!r}: peft_type {saved.get('peft_type')!r}, expected LORA")
+    targets = saved.get("target_modules")
+    if not isinstance(targets, list) or not targets:
+        raise AdapterError(
+            f"{flag} {config_file!r}: target_modules={targets!r}; expected a list of module names"
+        )
+    unsupported = [
+        k
+        for k in (
+            "use_rslora",
+            "use_dora",
+            "modules_to_save",
+            "rank_pattern",
+            "alpha_pattern",
+            "layers_to_transform",
+        )
+        if saved.get(k)
+    ]
+    if unsupported:
+        raise AdapterError(
+            f"{flag} {config_file!r}: {', '.join(unsupported)} set; this project's LoRA has none of them"
+        )
+    for key in ("r", "lora_alpha"):
+        value = saved.get(key)
+        if not isinstance(value, (int, float)) or value <= 0 or float(value) != int(value):
+            raise AdapterError(f"{flag} {config_file!r}: {key}={value!r}; expected a positive integer")
+    return saved
+
+
+def load_for_evaluation(
+    config: Any, adapter: Optional[str] = None, device: DeviceLike = None, path: Optional[str] = None
+):
+    """``(model, tokenizer)`` to evaluate: the policy of ``config`` with the LoRA adapter at ``adapter``,
+    or the base model when ``adapter`` is None.
+
+    Both go through the trainer's own loading (``models.policy.load_policy``, 4-bit unless
+    ``load_in_4bit: false``), so evaluation sees the weights as training did. The base is that policy
+    with a fresh LoRA, whose B matrices are zero: it adds exactly 0, the base model's outputs, and both
+    samplers (vLLM follows a policy through its adapter) treat base and adapter alike. An adapter's
+    rank, alpha and target modules come from its ``adapter_config.json``; its weights are loaded with
+    ``models.policy.load_adapter``.
+    """
+    from dataclasses import replace
+
+    overrides: dict[str, Any] = {"gradient_checkpointing": False, "lora_dropout": 0.0}
+    if adapter is not None:
+        saved = read_adapter_config(adapter)
+        overrides.update(
+            lora_r=int(saved["r"]),
+            lora_alpha=int(saved["lora_alpha"]),
+            lora_target_modules=sorted(saved["target_modules"]),
+        )
+    model, tokenizer = load_policy(replace(config, **overrides), device, path=path)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    model.eval()
+    return model, tokenizer
 
 
 # ------------------------------------------------------------------------------------ arithmetic

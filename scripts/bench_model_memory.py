@@ -37,10 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo.config import LORA_TARGETS, GRPOConfig  # noqa: E402
 from models.forward import completion_logprobs  # noqa: E402
 from models.policy import load_policy, lora_param_count  # noqa: E402
-from models.random_qwen import QWEN25_3B, write_random_qwen  # noqa: E402
 from models.tiny import CORPUS_PATH, TINY_CONFIG, train_tiny_tokenizer  # noqa: E402
+from models.tiny.random_qwen import QWEN25_3B, write_random_qwen  # noqa: E402
 
-# the tiny model's shape (models/tiny.py), for exercising the script on CPU
+# the tiny model's shape (models/tiny/build.py), for exercising the script on CPU
 TINY = TINY_CONFIG
 PRESETS = {
     # name: (architecture, completions N, tokens per row L, LoRA rank)

@@ -9,13 +9,13 @@ call); tokens/s = completion tokens produced (EOS included) / wall-clock seconds
 the engine start and ``update_policy`` (saving the LoRA adapter to /dev/shm and handing it over), the
 per-step price of following the policy.
 
-``qwen2.5-3b`` needs no download: ``models.random_qwen`` writes Qwen2.5-3B-Instruct's config (hidden
+``qwen2.5-3b`` needs no download: ``models.tiny.random_qwen`` writes Qwen2.5-3B-Instruct's config (hidden
 2048, 36 layers, MLP 11008, 16 heads, 2 KV heads, vocab 151,936, tied embeddings) with random weights
 and a word-level tokenizer of the same vocabulary to a temporary folder; the prompt is 128 ordinary token ids. Random
 weights almost never sample EOS, so every completion runs to max_new_tokens: 6 x 1,024 tokens.
 
 ``--mismatch`` (with vLLM) also measures how far vLLM's log-probs are from the trainer's for the same
-sampled tokens (models.samplers.sampler_mismatch), for the policy with a 4-bit NF4 base (what the
+sampled tokens (grpo.metrics.sampler_mismatch), for the policy with a 4-bit NF4 base (what the
 trainer holds; vLLM holds the 16/32-bit base because vllm 0.32 cannot load bitsandbytes) and with a
 16/32-bit base (both sides the same weights).
 
@@ -39,16 +39,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from grpo.config import GRPOConfig  # noqa: E402
-from models.random_qwen import write_random_qwen  # noqa: E402
-from models.samplers import (  # noqa: E402
-    HFSampler,
-    SamplingSettings,
-    collate,
-    make_sampler,
-    sampler_mismatch,
-    vllm_importable,
-)
+from grpo.metrics import sampler_mismatch  # noqa: E402
+from grpo.rollout import collate  # noqa: E402
+from models.hf_sampler import HFSampler  # noqa: E402
+from models.policy import resolve_dtype, resolve_model_path  # noqa: E402
+from models.samplers import SamplingSettings, make_sampler, vllm_importable  # noqa: E402
 from models.tiny import TINY_MODEL  # noqa: E402
+from models.tiny.random_qwen import write_random_qwen  # noqa: E402
 
 PRESETS = {
     "tiny": dict(model=TINY_MODEL, prompts=2, num_generations=6, max_new_tokens=128, lora_r=8),
@@ -68,11 +65,14 @@ PROMPT = [
 
 
 def timed_generate(sampler, prompts, num_generations: int, seed: int) -> dict:
-    sampler.generate(prompts[:1], 1, seed=seed, settings=SamplingSettings(max_completion_length=4))  # warm-up
+    prompt_ids = sampler.encode(prompts)
+    sampler.generate(
+        prompt_ids[:1], 1, seed=seed, settings=SamplingSettings(max_completion_length=4)
+    )  # warm-up
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    outputs = sampler.generate(prompts, num_generations, seed=seed)
+    outputs = sampler.generate(prompt_ids, num_generations, seed=seed)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -207,7 +207,9 @@ def main() -> None:
             report["results"]["vllm"] = f"skipped: {detail}"
         else:
             start = time.perf_counter()
-            vllm = make_sampler(GRPOConfig(**{**cfg.to_dict(), "sampler": "vllm"}), policy, tokenizer)
+            vllm_cfg = GRPOConfig(**{**cfg.to_dict(), "sampler": "vllm"})
+            model_path, dtype = resolve_model_path(model), resolve_dtype(cfg.dtype)
+            vllm = make_sampler(vllm_cfg, policy, tokenizer, model_path, dtype)
             engine_start = time.perf_counter() - start
             start = time.perf_counter()
             vllm.update_policy(policy)

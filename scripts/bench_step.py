@@ -6,7 +6,7 @@
 Phases (``grpo.trainer.grpo_step``): generation (the sampler), scoring, old/reference log-probs (no
 grad), policy forward + backward, optimiser (gradient all-reduce, clipping, step) and sync (the new
 adapter to the sampler). The ``qwen2.5-3b`` preset builds the Qwen2.5-3B architecture with random
-weights (nothing is downloaded; ``models/random_qwen.py``), loads it in 4-bit NF4 with the rank-64
+weights (nothing is downloaded; ``models/tiny/random_qwen.py``), loads it in 4-bit NF4 with the rank-64
 LoRA, and runs G = 6 completions of 1,024 tokens for one 1,024-token prompt with the HF sampler
 (random weights rarely emit EOS, so completions run to the limit). Any ``--field value`` of
 GRPOConfig after the script's own flags overrides the config. Prints a table and writes JSON.
@@ -42,7 +42,7 @@ class SyntheticPrompts:
     """An endless stream of one fixed-length prompt (the benchmark's shape, not a data set)."""
 
     def __init__(self, n_tokens: int):
-        from models.random_qwen import random_prompt_ids
+        from models.tiny.random_qwen import random_prompt_ids
 
         self.row = {
             "prompt": random_prompt_ids(n_tokens),  # token ids: samplers take them as they are
@@ -70,7 +70,7 @@ def main() -> dict:
     if args.preset == "qwen2.5-3b":
         if not torch.cuda.is_available():
             raise SystemExit("--preset qwen2.5-3b needs a CUDA device")
-        from models.random_qwen import write_random_qwen
+        from models.tiny.random_qwen import write_random_qwen
 
         print("writing the Qwen2.5-3B architecture with random weights ...", flush=True)
         model_dir = write_random_qwen(Path(scratch.name) / "model")

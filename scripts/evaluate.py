@@ -37,8 +37,10 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
+from data.eval_sets import SOURCES, TRAINING_SOURCES  # noqa: E402
 from grpo.config import ConfigError, load_config  # noqa: E402
-from grpo.evaluation import SOURCES, TRAINING_SOURCES, EvaluationError, read_adapter_config  # noqa: E402
+from grpo.evaluation import EvaluationError  # noqa: E402
+from models.policy import AdapterError, read_adapter_config  # noqa: E402
 
 BASE = "base"
 DEFAULT_SOURCES = TRAINING_SOURCES
@@ -120,8 +122,8 @@ def load_sets(
     args: argparse.Namespace, config: Any, tokenizer: Any
 ) -> tuple[dict[str, list], dict[str, int]]:
     """``{source: rows}`` for --sources: prompts longer than max_prompt_length dropped, then --limit."""
+    from data.eval_sets import evenly_spaced, load_eval_set
     from data.prompts import filter_long_prompts
-    from grpo.evaluation import evenly_spaced, load_eval_set
 
     sets, dropped = {}, {}
     for name in args.sources:
@@ -164,19 +166,15 @@ def run(args: argparse.Namespace, rest: list[str], argv: list[str]) -> dict[str,
     """Load, generate, score; returns the JSON document (and prints the tables)."""
     from dataclasses import replace
 
-    from grpo.evaluation import (
-        compare_reports,
-        evaluate,
-        format_comparison,
-        format_table,
-        load_for_evaluation,
-    )
-    from models.policy import load_tokenizer, resolve_model_path
+    from grpo.evaluation import evaluate
+    from grpo.report import compare_reports, format_comparison, format_table
+    from models.policy import load_for_evaluation, load_tokenizer, resolve_dtype, resolve_model_path
     from models.samplers import SamplingSettings, make_sampler
 
     config = build_config(args, rest)
     say(f"model: {config.model_name_or_path}")
-    tokenizer = load_tokenizer(resolve_model_path(config.model_name_or_path), config.trust_remote_code)
+    model_path = resolve_model_path(config.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, config.trust_remote_code)
     sets, dropped = load_sets(args, config, tokenizer)
 
     temperature = (
@@ -201,9 +199,9 @@ def run(args: argparse.Namespace, rest: list[str], argv: list[str]) -> dict[str,
     for side in sides:
         say(f"evaluating {side}")
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the tables
-            model, _ = load_for_evaluation(config, None if side == BASE else side)
+            model, _ = load_for_evaluation(config, None if side == BASE else side, path=model_path)
             if sampler is None:
-                sampler = make_sampler(config, model, tokenizer)
+                sampler = make_sampler(config, model, tokenizer, model_path, resolve_dtype(config.dtype))
             else:
                 sampler.update_policy(model)
         reports[side] = evaluate(
@@ -248,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args, rest = parse_args(argv)
         check_args(args)
         document = run(args, rest, argv)
-    except (EvaluationError, ConfigError, DataError, ModelLoadError) as err:
+    except (EvaluationError, AdapterError, ConfigError, DataError, ModelLoadError) as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
     with open(args.output, "w") as fh:

@@ -1,4 +1,4 @@
-"""Evaluation (grpo/evaluation.py, scripts/evaluate.py) and the three benchmark loaders.
+"""Evaluation (grpo/evaluation.py, grpo/report.py, scripts/evaluate.py). The benchmark loaders: test_data.py.
 
 The metric tests plant completions through a fake sampler (a real ``models.samplers.Sampler`` subclass
 that returns known texts) and compare the report with numbers worked out by hand below. The model
@@ -9,53 +9,36 @@ model writes, and the CLI must report both sides and their difference.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 
-from data import medmcqa, medqa, mmlu_medical
-from data.common import FIXTURES_DIR, DataError
-from data.prompts import SYSTEM_PROMPT
+from data import medqa
+from data.common import FIXTURES_DIR
 from grpo.config import GRPOConfig
 from grpo.evaluation import (
-    EvaluationError,
-    compare_reports,
     eval_subset,
     evaluate,
     evaluate_rows,
-    evenly_spaced,
-    format_comparison,
-    format_table,
-    load_for_evaluation,
-    paired_accuracy_se,
     pass_at_k,
     pass_at_k_values,
-    read_adapter_config,
     summarize,
 )
-from models.samplers import Completion, HFSampler, Sampler, SamplingSettings
+from grpo.report import compare_reports, format_comparison, format_table, paired_accuracy_se
+from models.hf_sampler import HFSampler
+from models.policy import AdapterError, load_for_evaluation, read_adapter_config
+from models.samplers import Completion, Sampler, SamplingSettings
 from models.tiny import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = FIXTURES_DIR / "benchmarks"
 MEDQA_FILES = str(BENCH / "medqa_{split}.jsonl")
-MEDMCQA_FILES = str(BENCH / "medmcqa_{split}.jsonl")
 MMLU_FILES = str(BENCH / "mmlu_*_{split}.jsonl")
-INSTRUCTION = (
-    "\n With 'A', 'B', 'C' or 'D'. You need to carefully review the context and reason before answering."
-)
-
-
-def read_jsonl(path) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def strict(answer: str) -> str:
@@ -366,181 +349,6 @@ def test_eval_subset_is_fixed_seeded_and_drawn_from_the_eval_sets():
     assert len(eval_subset(config, None, size=1000)) == sum(len(d) for d in eval_sets.values())
 
 
-# ---------------------------------------------------------------------------- the benchmark loaders
-
-
-def expected_user(question: str, options: list[str]) -> str:
-    lines = "\n".join(f"{letter}. {o}" for letter, o in zip("ABCD", options, strict=True))
-    return f"\n\nAnswer the following question:\n{question}\n{lines}{INSTRUCTION}"
-
-
-def test_medqa_rows_match_the_raw_file():
-    raw = read_jsonl(BENCH / "medqa_test.jsonl")
-    ds = medqa.load("test", MEDQA_FILES)
-    assert ds.column_names == ["prompt", "answer", "db_set"] and len(ds) == len(raw)
-    assert 20 <= len(raw) <= 40
-    for got, src in zip(ds, raw, strict=True):
-        options = [src[f"ending{i}"] for i in range(4)]
-        assert got["prompt"] == [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": expected_user(src["sent1"], options)},
-        ]
-        assert got["answer"] == "ABCD"[src["label"]] and got["db_set"] == "med_mc"
-    assert set(ds["answer"]) == {"A", "B", "C", "D"}
-
-
-def test_medmcqa_rows_match_the_raw_file():
-    raw = read_jsonl(BENCH / "medmcqa_validation.jsonl")
-    ds = medmcqa.load("validation", MEDMCQA_FILES)
-    assert len(ds) == len(raw) and 20 <= len(raw) <= 40
-    for got, src in zip(ds, raw, strict=True):
-        options = [src[k] for k in ("opa", "opb", "opc", "opd")]
-        assert got["prompt"][1]["content"] == expected_user(src["question"], options)
-        assert got["answer"] == "ABCD"[src["cop"]] and got["db_set"] == "med_mc"
-    with pytest.raises(DataError, match="split='test' has no answers"):
-        medmcqa.load("test", MEDMCQA_FILES)
-
-
-def test_mmlu_medical_rows_match_the_raw_files():
-    files = sorted(BENCH.glob("mmlu_*_test.jsonl"))
-    assert [f.name[5:-11] for f in files] == sorted(mmlu_medical.SUBJECTS)
-    raw = [r for f in files for r in read_jsonl(f)]
-    ds = mmlu_medical.load("test", MMLU_FILES)
-    assert len(ds) == len(raw)
-    for got, src in zip(ds, raw, strict=True):
-        assert got["prompt"][1]["content"] == expected_user(src["question"], src["choices"])
-        assert got["answer"] == "ABCD"[src["answer"]]
-    # asking for two subjects leaves the rows of the other four out
-    two = mmlu_medical.load("test", MMLU_FILES, subjects=["anatomy", "medical_genetics"])
-    assert len(two) == sum(1 for r in raw if r["subject"] in ("anatomy", "medical_genetics"))
-
-
-def write_jsonl(path: Path, rows: list) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-MEDQA_GOOD = {
-    "id": "x",
-    "sent1": "Q?",
-    "sent2": "",
-    "ending0": "a",
-    "ending1": "b",
-    "ending2": "c",
-    "ending3": "d",
-    "label": 2,
-}
-
-
-@pytest.mark.parametrize(
-    ("module", "good", "bad_rows", "reasons"),
-    [
-        (
-            medqa,
-            MEDQA_GOOD,
-            [{**MEDQA_GOOD, "label": 4}, {**MEDQA_GOOD, "label": True}, {**MEDQA_GOOD, "sent1": " "},
-             {**MEDQA_GOOD, "ending3": ""}, {k: v for k, v in MEDQA_GOOD.items() if k != "label"}],
-            ["label out of range 0-3: 1", "label is not an option index 0-3: 2", "empty sent1: 1",
-             "ending3 missing, empty or not a string: 1"],
-        ),
-        (
-            medmcqa,
-            {"question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 1, "exp": None},
-            [{"question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": -1},
-             {"question": None, "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 0},
-             {"question": "Q?", "opa": "a", "opb": 5, "opc": "c", "opd": "d", "cop": 0}],
-            ["cop out of range 0-3: 1", "question missing or not a string: 1", "opb missing, empty or not a string: 1"],
-        ),
-        (
-            mmlu_medical,
-            {"question": "Q?", "subject": "anatomy", "choices": ["a", "b", "c", "d"], "answer": 3},
-            [{"question": "Q?", "subject": "anatomy", "choices": ["a", "b", "c"], "answer": 0},
-             {"question": "Q?", "subject": "anatomy", "choices": ["a", "b", "c", "d"], "answer": "7"},
-             {"question": "Q?", "subject": "anatomy", "choices": ["a", "", "c", "d"], "answer": 0}],
-            ["choices is not a list of 4 options: 1", "answer out of range 0-3: 1", "choices[1] missing, empty or not a string: 1"],
-        ),
-    ],
-)  # fmt: skip
-def test_malformed_rows_are_skipped_with_one_warning(module, good, bad_rows, reasons, tmp_path, caplog):
-    split = module.EVAL_SPLIT
-    path = write_jsonl(tmp_path / f"rows_{split}.jsonl", [good, *bad_rows, good])
-    with caplog.at_level(logging.WARNING, logger="data.common"):
-        ds = module.load(split, path)
-    assert len(ds) == 2
-    letter = "ABCD"[good.get("label", good.get("cop", good.get("answer")))]
-    assert ds["answer"] == [letter, letter]
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    assert f"skipped {len(bad_rows)} malformed row(s) of {len(bad_rows) + 2}" in warnings[0]
-    for reason in reasons:
-        assert reason in warnings[0]
-    with pytest.raises(DataError, match=rf"no valid row left in .*bad_{split}\.jsonl"):
-        module.load(split, write_jsonl(tmp_path / f"bad_{split}.jsonl", bad_rows))
-
-
-def test_label_forms():
-    assert [medqa.label_to_letter(v, "label") for v in (0, 1, 2, 3, "2", " 3 ", "c")] == list("ABCDCDC")
-
-
-def install_fake_hub(monkeypatch) -> list:
-    """datasets.load_dataset answering the benchmark hub ids with the fixture rows; returns the calls."""
-    calls = []
-
-    def fake_load_dataset(path, name=None, split=None, **kwargs):
-        calls.append((path, name, split))
-        if path == medqa.REPO and name is None and split == "test":
-            return datasets.Dataset.from_list(read_jsonl(BENCH / "medqa_test.jsonl"))
-        if path == medmcqa.REPO and name is None and split == "validation":
-            return datasets.Dataset.from_list(read_jsonl(BENCH / "medmcqa_validation.jsonl"))
-        if path == mmlu_medical.REPO and name in mmlu_medical.SUBJECTS and split == "test":
-            return datasets.Dataset.from_list(read_jsonl(BENCH / f"mmlu_{name}_test.jsonl"))
-        raise AssertionError(f"unexpected load_dataset({path!r}, {name!r}, split={split!r})")
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    return calls
-
-
-def test_hub_path_of_the_three_benchmarks(monkeypatch):
-    local = {  # read before the hub is faked: local files go through datasets.load_dataset("json") too
-        "medqa": medqa.load("test", MEDQA_FILES).to_list(),
-        "medmcqa": medmcqa.load("validation", MEDMCQA_FILES).to_list(),
-        "mmlu_medical": mmlu_medical.load("test", MMLU_FILES).to_list(),
-    }
-    calls = install_fake_hub(monkeypatch)
-    assert medqa.load().to_list() == local["medqa"]
-    assert calls == [("GBaker/MedQA-USMLE-4-options-hf", None, "test")]
-    assert medmcqa.load().to_list() == local["medmcqa"]
-    assert calls[-1] == ("openlifescienceai/medmcqa", None, "validation")
-    calls.clear()
-    ds = mmlu_medical.load()
-    assert calls == [("cais/mmlu", s, "test") for s in mmlu_medical.SUBJECTS]
-    # the hub order is SUBJECTS; the local glob is alphabetical: the same rows either way
-    key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
-    assert sorted(map(key, ds.to_list())) == sorted(map(key, local["mmlu_medical"]))
-
-
-def test_unreachable_hub_names_the_data_files_flag(monkeypatch):
-    from grpo.evaluation import load_eval_set
-
-    def offline(*args, **kwargs):
-        raise ConnectionError("Couldn't reach the Hub")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(
-        EvaluationError, match=r"medmcqa: cannot load openlifescienceai/medmcqa .* --medmcqa_data_files"
-    ):
-        load_eval_set("medmcqa", GRPOConfig())
-    with pytest.raises(EvaluationError, match=r"gsm8k: cannot load .*ConnectionError.* --gsm8k_data_files"):
-        load_eval_set("gsm8k", GRPOConfig())
-    with pytest.raises(EvaluationError, match="unknown source 'medqa2'"):
-        load_eval_set("medqa2", GRPOConfig())
-
-
-def test_evenly_spaced_limit():
-    assert evenly_spaced(10, 4) == [0, 2, 5, 7]
-    assert evenly_spaced(3, 10) == [0, 1, 2] and evenly_spaced(3, None) == [0, 1, 2]
-
-
 # ---------------------------------------------------------------------------- CLI errors (no model loaded)
 
 
@@ -567,7 +375,7 @@ def test_cli_names_the_flag_of_a_bad_request(tmp_path, capsys):
     assert code == 2 and "--samples 0" in err
     code, err = run_cli(["--output", str(tmp_path / "no" / "where.json")], capsys)
     assert code == 2 and "--output" in err
-    with pytest.raises(EvaluationError, match="target_modules"):
+    with pytest.raises(AdapterError, match="target_modules"):
         (tmp_path / "pattern").mkdir()
         (tmp_path / "pattern" / "adapter_model.safetensors").write_bytes(b"")
         (tmp_path / "pattern" / "adapter_config.json").write_text(
@@ -632,7 +440,7 @@ def trained_adapter(tmp_path_factory) -> str:
 
 def greedy_texts(model, tokenizer, rows) -> list[str]:
     sampler = HFSampler(model, tokenizer, SamplingSettings(temperature=0, max_completion_length=12))
-    return [c.text for c in sampler.generate([r["prompt"] for r in rows], 1, seed=0)]
+    return [c.text for c in sampler.generate(sampler.encode([r["prompt"] for r in rows]), 1, seed=0)]
 
 
 @pytest.mark.slow

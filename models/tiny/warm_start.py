@@ -64,7 +64,7 @@ def supervised_batch(tokenizer, rows: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def warm_start(
+def supervised_warm_start(
     model,
     tokenizer,
     rows: list[dict],
@@ -78,7 +78,7 @@ def warm_start(
     rows: dataset rows with ``prompt`` (chat), ``answer`` and ``db_set``. Deterministic for a seed.
     """
     if not rows:
-        raise ValueError("warm_start needs at least one row")
+        raise ValueError("supervised_warm_start needs at least one row")
     rng = random.Random(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -98,14 +98,12 @@ def warm_start(
 
 def fixture_rows() -> list[dict]:
     """The training rows of the bundled fixtures (data/fixtures), all three sources, eval rows excluded."""
-    from pathlib import Path
-
     from data import gsm8k, health_benchmarks, pubmedqa
+    from data.common import FIXTURES_DIR
 
-    fixtures = Path(__file__).resolve().parents[1] / "data" / "fixtures"
     sources = [
-        gsm8k.load("train", str(fixtures / "gsm8k_{split}.jsonl")),
-        pubmedqa.load("train", str(fixtures / "pubmedqa_{split}.jsonl")),
-        health_benchmarks.load("train", str(fixtures / "health_benchmarks_*.jsonl")),
+        gsm8k.load("train", str(FIXTURES_DIR / "gsm8k_{split}.jsonl")),
+        pubmedqa.load("train", str(FIXTURES_DIR / "pubmedqa_{split}.jsonl")),
+        health_benchmarks.load("train", str(FIXTURES_DIR / "health_benchmarks_*.jsonl")),
     ]
     return [row for ds in sources for row in ds]

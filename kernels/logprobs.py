@@ -1,0 +1,294 @@
+"""Per-token log-probabilities of the sampled tokens, without ever holding the [M, V] logits.
+
+GRPO needs, for every completion token, `log pi(token | prefix)`: the log-softmax of the lm_head
+logits, picked at the sampled token. The plain way,
+
+    logits = hidden @ weight.T                      # [M, V]
+    logp = log_softmax(logits / T).gather(-1, targets[:, None])
+
+materialises M x V numbers (and their gradient). At the recipe's shape (6 completions x 2,048 tokens,
+vocabulary 151,936) that is 3.7 GB of bf16 logits, 7.5 GB once cast to float32 for the softmax.
+
+Every backend here computes the same thing,
+
+    logp[m] = logits[m, targets[m]] / T - logsumexp_v(logits[m, v] / T),
+
+but only the "naive" reference builds the full matrix. The others walk the tokens (torch) or the
+vocabulary tiles (triton), keep one number per token, the log-sum-exp, and recompute a chunk of logits
+in the backward, where
+
+    d logp[m] / d hidden[m] = (onehot(targets[m]) - softmax(logits[m] / T)) @ weight / T.
+
+(With a frozen weight, the recipe's tied lm_head, the torch backend computes that [M, H] gradient in
+the forward instead, while each chunk's softmax is in memory: one matmul per chunk fewer.)
+
+Backends: "naive" (the reference, first in this file: the definition every backend must equal),
+"torch" (chunked, kernels/logprobs_torch.py, any device), "triton" (fused
+kernels in kernels/logprobs_triton.py, CUDA, or CPU under TRITON_INTERPRET=1), "auto" (triton on
+CUDA, torch elsewhere). docs/KERNELS.md explains the memory math and the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels.logprobs_torch import torch_backward, torch_forward
+
+BACKENDS = ("auto", "torch", "triton", "naive")
+
+# ----------------------------------------------------------------------------------------------------
+# The definition: "naive" holds the [M, V] logits, their float32 copy and gradient. Every other backend
+# must return what this returns (tests/test_logprobs.py checks them against it).
+# ----------------------------------------------------------------------------------------------------
+
+
+def _naive(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, return_entropy: bool):
+    logits = (hidden @ weight.T).float() / temperature  # [M, V]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logp = log_probs.gather(-1, targets[:, None].long()).squeeze(-1)
+    if not return_entropy:
+        return logp
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------
+
+
+def token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    *,
+    chunk_size: int | None = None,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probability of each target token under `softmax(hidden @ weight.T / temperature)`.
+
+    Args:
+        hidden: [M, H] final hidden states (one row per token), bf16/fp16/fp32.
+        weight: [V, H] lm_head weight, same dtype and device as `hidden`.
+        targets: [M] integer token ids in [0, V).
+        temperature: the sampling temperature (> 0); logits are divided by it.
+        backend: "auto" | "torch" | "triton" | "naive".
+        chunk_size: tokens per chunk. torch backend: forward and backward (default 128);
+            triton backend: backward only (the [chunk, V] softmax gradient lives there; default 512).
+        return_entropy: also return the per-token entropy of the same distribution (no gradient).
+
+    Returns:
+        logp: [M] float32, differentiable with respect to `hidden` and to `weight` when it requires grad.
+        With `return_entropy=True`, `(logp, entropy)` with entropy [M] float32 (detached).
+
+    Example (V = 3, one token, weight = identity so the logits are the hidden state itself):
+        >>> h = torch.tensor([[0.0, 0.0, 1.0]]); w = torch.eye(3); t = torch.tensor([2])
+        >>> token_logprobs(h, w, t, backend="torch")  # log(e / (1 + 1 + e)) = 1 - log(2 + e)
+        tensor([-0.5514])
+    """
+    backend = _resolve_backend(backend, hidden)
+    _check_inputs(hidden, weight, targets, temperature, backend)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+    if backend == "naive":
+        return _naive(hidden, weight, targets, temperature, return_entropy)
+
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not needs_grad:
+        # No autograd graph needed (old / reference log-probs): a plain streaming forward, nothing saved.
+        logp, _lse, entropy = _forward(
+            backend, hidden, weight, targets, temperature, chunk_size, return_entropy
+        )
+        return (logp, entropy) if return_entropy else logp
+
+    logp, entropy = _StreamingLogprobs.apply(
+        hidden, weight, targets, float(temperature), backend, chunk_size, return_entropy
+    )
+    return (logp, entropy) if return_entropy else logp
+
+
+@torch.no_grad()
+def token_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    *,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Entropy of `softmax(hidden @ weight.T / temperature)` for each row, streamed; no gradient.
+
+    `entropy[m] = logsumexp(z[m]) - sum_v softmax(z[m])_v * z[m, v]` with `z = hidden @ weight.T / T`.
+
+    Args:
+        hidden: [M, H]; weight: [V, H]; temperature > 0; backend as in `token_logprobs`.
+
+    Returns:
+        entropy: [M] float32.
+
+    Example (two equal logits and one much smaller: close to log 2 = 0.6931):
+        >>> h = torch.tensor([[1.0, 1.0, -30.0]]); w = torch.eye(3)
+        >>> token_entropy(h, w, backend="torch")
+        tensor([0.6931])
+    """
+    targets = (
+        torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device) if hidden.dim() == 2 else None
+    )
+    _logp, entropy = token_logprobs(
+        hidden, weight, targets, temperature, backend, chunk_size=chunk_size, return_entropy=True
+    )
+    return entropy
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks (bad input gets a message naming the problem, not a CUDA/Triton traceback)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _resolve_backend(backend: str, hidden: Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if hidden.is_cuda and _triton_importable() else "torch"
+    return backend
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_inputs(
+    hidden: Tensor, weight: Tensor, targets: Tensor | None, temperature: float, backend: str
+) -> None:
+    if not isinstance(hidden, Tensor) or hidden.dim() != 2:
+        raise ValueError(
+            f"hidden must be a 2-D tensor [M, H], got shape {tuple(getattr(hidden, 'shape', ()))}"
+        )
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"weight must be a 2-D tensor [V, H], got shape {tuple(getattr(weight, 'shape', ()))}"
+        )
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden [M, H] = {tuple(hidden.shape)} and weight [V, H] = {tuple(weight.shape)} disagree on H"
+        )
+    if not isinstance(targets, Tensor) or targets.shape != (hidden.shape[0],):
+        raise ValueError(
+            f"targets must be a 1-D tensor of length M = {hidden.shape[0]}, got shape "
+            f"{tuple(getattr(targets, 'shape', ()))}"
+        )
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    allowed = (torch.float16, torch.bfloat16, torch.float32)
+    if backend != "triton":
+        allowed = allowed + (torch.float64,)
+    if hidden.dtype not in allowed:
+        raise ValueError(f"backend {backend!r} supports dtypes {allowed}, got {hidden.dtype}")
+    if not (hidden.device == weight.device == targets.device):
+        raise ValueError(
+            f"hidden, weight and targets must be on one device, got {hidden.device}, {weight.device}, {targets.device}"
+        )
+    if not float(temperature) > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if targets.numel() > 0:
+        lo, hi = int(targets.min()), int(targets.max())  # one sync; an id out of range would read garbage
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(
+                f"targets must be token ids in [0, V = {weight.shape[0]}), got values in [{lo}, {hi}] "
+                "(mask padding positions instead of using a negative ignore index)"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch to the streaming backends (triton is imported lazily: it is optional and reads
+# TRITON_INTERPRET on import)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _forward(backend, hidden, weight, targets, temperature, chunk_size, with_entropy):
+    """(logp, lse, entropy or None) from the torch or triton backend."""
+    if backend == "torch":
+        return torch_forward(hidden, weight, targets, temperature, chunk_size, with_entropy)[:3]
+    from kernels.logprobs_triton import triton_logprobs_forward
+
+    return triton_logprobs_forward(hidden, weight, targets, temperature, with_entropy)
+
+
+def _backward(
+    backend, hidden, weight, targets, lse, grad_logp, temperature, chunk_size, need_hidden, need_weight
+):
+    """(d_hidden, d_weight) from the torch or triton backend (None where not needed)."""
+    if backend == "torch":
+        return torch_backward(
+            hidden, weight, targets, lse, grad_logp, temperature, chunk_size, need_hidden, need_weight
+        )
+    from kernels.logprobs_triton import triton_logprobs_backward
+
+    return triton_logprobs_backward(
+        hidden, weight, targets, lse, grad_logp, temperature, chunk_size, need_hidden, need_weight
+    )
+
+
+class _StreamingLogprobs(torch.autograd.Function):
+    """Autograd wrapper of the torch and triton backends. Two ways to get the gradient:
+
+    - recompute (triton always; torch when the weight is trained): save lse [M] besides the inputs,
+      and in the backward rebuild each chunk's softmax from it (kernels/logprobs_torch.py docstring formula).
+    - gradient in the forward (torch with a frozen weight, the recipe's tied lm_head): logp[m] depends
+      on hidden[m] only, so d loss / d hidden[m] = grad_logp[m] * dlogp_dhidden[m]. The forward computes
+      dlogp_dhidden [M, H] while each chunk's softmax is in memory and the backward just scales it:
+      two matmuls over [C, V] per chunk instead of three (the same trick as Liger's fused linear
+      cross-entropy). Only useful because a forward with grad enabled is always followed by a backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, backend, chunk_size, with_entropy):
+        ctx.grad_in_forward = backend == "torch" and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        if ctx.grad_in_forward:
+            logp, _lse, entropy, dlogp_dhidden = torch_forward(
+                hidden, weight, targets, temperature, chunk_size, with_entropy, hidden_grad=True
+            )
+            ctx.save_for_backward(dlogp_dhidden)
+        else:
+            logp, lse, entropy = _forward(
+                backend, hidden, weight, targets, temperature, chunk_size, with_entropy
+            )
+            ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.backend, ctx.chunk_size = temperature, backend, chunk_size
+        ctx.hidden_dtype = hidden.dtype
+        if entropy is None:
+            entropy = torch.empty(0, device=hidden.device)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        if ctx.grad_in_forward:
+            (dlogp_dhidden,) = ctx.saved_tensors
+            d_hidden = (dlogp_dhidden * grad_logp[:, None].to(dlogp_dhidden.dtype)).to(ctx.hidden_dtype)
+            return d_hidden, None, None, None, None, None, None
+        hidden, weight, targets, lse = ctx.saved_tensors
+        d_hidden, d_weight = _backward(
+            ctx.backend,
+            hidden,
+            weight,
+            targets,
+            lse,
+            grad_logp.contiguous(),
+            ctx.temperature,
+            ctx.chunk_size,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],  # a frozen (tied) lm_head: the d_weight matmuls are skipped
+        )
+        return d_hidden, d_weight, None, None, None, None, None

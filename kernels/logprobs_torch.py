@@ -1,0 +1,139 @@
+"""The "torch" backend of `kernels.logprobs.token_logprobs`: chunked over tokens, any device.
+
+The forward walks the M tokens C at a time (default 128): one [C, V] float32 logits buffer, reused by every
+chunk, gives each token's log-prob and log-sum-exp (kept: one number per token). The backward rebuilds each
+chunk's softmax from the saved log-sum-exp, p = exp(logits / T - lse), and forms
+
+    d hidden[m] = grad_logp[m] / T * (onehot(targets[m]) - p[m]) @ W
+    d weight    = sum_m grad_logp[m] / T * (onehot(targets[m]) - p[m])^T hidden[m].
+
+With a frozen weight (the recipe's tied lm_head) `torch_forward(..., hidden_grad=True)` computes the
+[M, H] gradient d logp / d hidden in the forward instead, while the chunk's softmax is in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Tokens per chunk: one [128, V] float32 buffer is 78 MB at V = 151,936. Measured on CPU against 64 and 256
+# in docs/KERNELS.md.
+DEFAULT_CHUNK_SIZE = 128
+
+
+def _chunk_logits(
+    hidden_chunk: Tensor, weight: Tensor, inv_temp: float, out: Tensor | None, shift: Tensor | None = None
+) -> Tensor:
+    """[C, H] x [V, H] -> [C, V] float32 `logits / T - shift[:, None]`, into the reused `out` when possible."""
+    if out is not None and hidden_chunk.dtype == out.dtype:
+        # float32: alpha folds 1/T into the matmul and the shift rides in as addmm's bias (beta = 1),
+        # so neither costs an extra pass over [C, V].
+        if shift is None:
+            return torch.addmm(out, hidden_chunk, weight.T, beta=0.0, alpha=inv_temp, out=out)
+        return torch.addmm(-shift[:, None], hidden_chunk, weight.T, alpha=inv_temp, out=out)
+    # bf16/fp16: the matmul accumulates in float32 inside but rounds its output to 16 bits (as the
+    # naive backend and `model(...).logits.float()` do); the softmax math is then done in float32.
+    logits = (hidden_chunk @ weight.T).to(torch.promote_types(hidden_chunk.dtype, torch.float32))
+    logits = logits.mul_(inv_temp) if inv_temp != 1.0 else logits
+    return logits if shift is None else logits.sub_(shift[:, None])
+
+
+def _reusable_buffer(rows: int, vocab: int, in_dtype, acc_dtype, device) -> Tensor | None:
+    """One [C, V] buffer reused by every chunk when the matmul can write float32 (or float64) directly."""
+    return torch.empty(rows, vocab, dtype=acc_dtype, device=device) if in_dtype == acc_dtype else None
+
+
+def _rows(buffer: Tensor | None, n: int) -> Tensor | None:
+    return None if buffer is None else buffer[:n]
+
+
+def torch_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    temperature: float,
+    chunk_size: int | None,
+    with_entropy: bool,
+    hidden_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Returns logp [M], lse [M], entropy [M] or None, and with `hidden_grad` also
+
+        dlogp_dhidden [M, H] = (onehot(targets) - p) @ W / T,
+
+    the gradient of each logp[m] with respect to its own hidden[m], computed while the chunk's
+    softmax is at hand (float32; float64 for float64 inputs, which tests use as a reference).
+    Extra memory: one [C, V] buffer.
+    """
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
+    chunk = min(chunk_size or DEFAULT_CHUNK_SIZE, max(num_tokens, 1))
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    inv_temp = 1.0 / temperature
+    logp = torch.empty(num_tokens, dtype=acc_dtype, device=hidden.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else None
+    dlogp_dhidden = torch.empty(hidden.shape, dtype=acc_dtype, device=hidden.device) if hidden_grad else None
+    buffer = _reusable_buffer(chunk, vocab, hidden.dtype, acc_dtype, hidden.device)
+    for start in range(0, num_tokens, chunk):
+        end = min(start + chunk, num_tokens)
+        chunk_targets = targets[start:end, None].long()
+        logits = _chunk_logits(hidden[start:end], weight, inv_temp, _rows(buffer, end - start))  # [C, V]
+        target_logit = logits.gather(1, chunk_targets).squeeze(1)
+        # In place: PyTorch's fused log_softmax (max, then sum of exp, then write) over the same buffer.
+        log_probs = torch.log_softmax(logits, dim=1, out=logits)
+        logp[start:end] = log_probs.gather(1, chunk_targets).squeeze(1)
+        lse[start:end] = target_logit - logp[start:end]  # log_softmax = logits - lse
+        if with_entropy:
+            # entropy = -sum_v p_v log p_v, as a batched dot product (one temporary [C, V] for p)
+            entropy[start:end] = -torch.bmm(log_probs.exp()[:, None, :], log_probs[:, :, None]).view(-1)
+        if hidden_grad:
+            probs = log_probs.exp_()  # in place: softmax
+            p_minus_onehot = probs.scatter_add_(1, chunk_targets, probs.new_full((end - start, 1), -1.0))
+            product = p_minus_onehot.to(hidden.dtype) @ weight  # [C, H], fp32 accumulation inside
+            dlogp_dhidden[start:end] = product.to(acc_dtype).mul_(-inv_temp)
+    return logp, lse, entropy, dlogp_dhidden
+
+
+def torch_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    grad_logp: Tensor,
+    temperature: float,
+    chunk_size: int | None,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients chunk by chunk, with coef[m] = grad_logp[m] / T and p = softmax(logits / T):
+
+        d hidden[m] = coef[m] * (onehot(targets[m]) - p[m]) @ W        [C, V] x [V, H] per chunk
+        d weight    = sum_m coef[m] * (onehot(targets[m]) - p[m])^T hidden[m]
+
+    p is rebuilt from the saved lse: p = exp(logits / T - lse), no max or sum needed.
+    """
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
+    chunk = min(chunk_size or DEFAULT_CHUNK_SIZE, max(num_tokens, 1))
+    acc_dtype = lse.dtype
+    inv_temp = 1.0 / temperature
+    coef = grad_logp.to(acc_dtype) * inv_temp  # [M]
+    d_hidden = torch.empty_like(hidden) if need_hidden else None
+    d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
+    buffer = _reusable_buffer(chunk, vocab, hidden.dtype, acc_dtype, hidden.device)
+    for start in range(0, num_tokens, chunk):
+        end = min(start + chunk, num_tokens)
+        hidden_chunk, chunk_coef = hidden[start:end], coef[start:end, None]
+        shifted = _chunk_logits(hidden_chunk, weight, inv_temp, _rows(buffer, end - start), lse[start:end])
+        probs = shifted.exp_()  # [C, V] softmax, in place
+        # p - onehot: only C entries change. The per-token coef is applied to the [C, H] side of the
+        # products below rather than to the [C, V] matrix: same result, one pass over [C, V] fewer.
+        p_minus_onehot = probs.scatter_add_(
+            1, targets[start:end, None].long(), probs.new_full((end - start, 1), -1.0)
+        )
+        if need_hidden:  # (p - onehot) @ W in the input dtype (fp32 accumulation inside the matmul)
+            product = p_minus_onehot.to(hidden.dtype) @ weight  # [C, H]
+            d_hidden[start:end] = product.to(acc_dtype).mul_(-chunk_coef)
+        if need_weight:
+            d_weight.addmm_(p_minus_onehot.T, hidden_chunk.to(acc_dtype) * -chunk_coef)
+    if d_weight is not None:
+        d_weight = d_weight.to(weight.dtype)
+    return d_hidden, d_weight
