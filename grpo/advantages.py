@@ -5,6 +5,11 @@ and uses how much better each completion did than its siblings as the advantage 
 tokens. Completions are laid out group by group:
 
     rewards: [N] = [p0g0, p0g1, ..., p0g(G-1), p1g0, ...],   N = prompts * G
+
+With several reward functions the rewards are [N, K] (one column per function) and
+``multi_objective_advantages`` combines them (TRL's sum, or GDPO's per-function normalisation).
+Every function here takes the WHOLE batch (all processes): group and batch statistics must not
+depend on how the batch is split.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 from einops import rearrange, repeat
 
 SCALES = ("group", "batch", "none")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 def group_advantages(
@@ -61,3 +67,87 @@ def frac_zero_std_groups(rewards: torch.Tensor, group_size: int) -> float:
     """
     grouped = rearrange(rewards, "(p g) -> p g", g=group_size)
     return (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean().item()
+
+
+def multi_objective_advantages(
+    rewards_per_func: torch.Tensor,
+    weights: torch.Tensor,
+    group_size: int,
+    aggregation: str = "sum_then_normalize",
+    scale: str = "group",
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Advantages from K reward functions (TRL 1.16 ``multi_objective_aggregation``).
+
+    rewards_per_func: [N, K], column k the rewards of function k; weights: [K]. Returns [N].
+
+    - ``sum_then_normalize`` (TRL's default): r = sum_k w_k * r_k, then
+      ``group_advantages(r, G, scale, eps)``.
+    - ``normalize_then_sum`` (GDPO, arXiv 2601.05242): each function is normalised within its group first,
+      z_k = (r_k - group mean_k) / (group std_k + eps), then s = sum_k w_k * z_k, then over the whole batch
+      A = (s - mean(s)) / (std(s) + eps). A function whose values vary a lot can no longer drown the
+      others, and two completions that differ in different functions no longer get the same advantage.
+      ``scale`` must stay "group" here: TRL ignores scale_rewards in this mode (the batch step is fixed).
+
+    std is the unbiased std (TRL's nanstd) in both modes. Unlike TRL, NaN rewards ("this function does
+    not apply to this row") are rejected: our reward functions always return a number.
+
+    Worked example, G = 2, weights [1, 0.5], rewards_per_func columns [1, 0, 1, 1] and [0, 0, 2, 0]:
+    sum_then_normalize: r = [1, 0, 2, 1], both groups differ by 1, A = [0.7070, -0.7070, 0.7070, -0.7070];
+    normalize_then_sum: z_0 = [0.7070, -0.7070, 0, 0], z_1 = [0, 0, 0.7070, -0.7070],
+    s = [0.7070, -0.7070, 0.3535, -0.3535], mean 0, std 0.6454 -> A = [1.0953, -1.0953, 0.5477, -0.5477]:
+    the second prompt's completions now differ by half as much, because only the half-weight function
+    separated them.
+    """
+    if rewards_per_func.dim() != 2:
+        raise ValueError(f"rewards_per_func must be 2-D [N, K], got shape {tuple(rewards_per_func.shape)}")
+    num_funcs = rewards_per_func.shape[1]
+    if weights.shape != (num_funcs,):
+        raise ValueError(
+            f"weights must have one value per reward function ({num_funcs}), got shape {tuple(weights.shape)}"
+        )
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"multi_objective_aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    bad = (~torch.isfinite(rewards_per_func)).nonzero()
+    if len(bad) > 0:
+        row, col = bad[0].tolist()
+        value = rewards_per_func[row, col].item()
+        raise ValueError(f"reward function {col} gave a non-finite reward ({value}) at row {row}")
+    weights = weights.to(rewards_per_func.dtype)
+    if aggregation == "sum_then_normalize":
+        return group_advantages((rewards_per_func * weights).sum(dim=1), group_size, scale=scale, eps=eps)
+
+    if scale != "group":
+        raise ValueError(
+            f"multi_objective_aggregation 'normalize_then_sum' normalises per group then over the batch "
+            f"whatever scale_rewards says (TRL ignores it); set scale_rewards 'group', got {scale!r}"
+        )
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2, got {group_size}")
+    if rewards_per_func.shape[0] % group_size != 0:
+        raise ValueError(
+            f"N = {rewards_per_func.shape[0]} rows is not a multiple of group_size = {group_size}"
+        )
+    grouped = rearrange(rewards_per_func, "(p g) k -> p g k", g=group_size)
+    normalised = (grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std(dim=1, keepdim=True) + eps)
+    summed = (rearrange(normalised, "p g k -> (p g) k") * weights).sum(dim=1)
+    return (summed - summed.mean()) / (summed.std() + eps)
+
+
+def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which groups carry a learning signal: their G rewards are not all equal. rewards: [N] -> bool [P].
+
+    DAPO's dynamic sampling (arXiv 2503.14476; verl ``filter_groups``) keeps only these groups and samples
+    more prompts until the batch is full: a group whose rewards all agree has advantages 0 and adds
+    nothing but noise to the token counts. verl's test is "std of the group > 0"; comparing max and min
+    is the same in exact arithmetic and immune to round-off (np.std([0.1, 0.1, 0.1]) = 1.4e-17, not 0).
+
+    Example: rewards [1, 1, 0, 1, 0.5, 0.5] with G = 2 -> [False, True, False].
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards must be 1-D [N] with N a multiple of group_size = {group_size}, "
+            f"got shape {tuple(rewards.shape)}"
+        )
+    grouped = rearrange(rewards, "(p g) -> p g", g=group_size)
+    return grouped.max(dim=1).values > grouped.min(dim=1).values
