@@ -18,8 +18,11 @@ from rewards.parsing import (
     PUBMEDQA_LABELS,
     STANDALONE_LETTER,
     extract_answer,
+    normalize_answer,
     number_tokens,
+    option_letter,
     parse_number,
+    read_unicode_minus,
     words,
 )
 
@@ -41,14 +44,21 @@ def _column(values: Optional[Sequence], name: str, n: int, who: str) -> list[str
 
 
 def is_answer_type(predicted: str, db_set: str) -> bool:
-    """Is ``predicted`` an answer of the kind ``db_set`` asks for?
+    """Is ``predicted`` an answer of the kind ``db_set`` asks for, in its bare form?
 
-    gsm8k: an integer (sign and thousands separators allowed: ``-3``, ``1,080``); pubmedqa: yes, no or
-    maybe; med_mc: one letter A-D (any case).
+    gsm8k: an integer (sign and thousands separators allowed: ``-3``, ``1,080``; a Unicode minus counts
+    as a minus: ``\u22123``); pubmedqa: yes, no or maybe; med_mc: one letter A-D (any case). Surrounding
+    whitespace is ignored; punctuation or brackets are not (``"yes."``, ``"B)"``: False): this 0.5 is
+    what still rewards the clean form once ``correctness_reward_func`` forgives them.
 
-    >>> is_answer_type("1,080", "gsm8k"), is_answer_type("18 dollars", "gsm8k"), is_answer_type("Maybe", "pubmedqa")
-    (True, False, True)
+    >>> is_answer_type("1,080", "gsm8k"), is_answer_type("18 dollars", "gsm8k")
+    (True, False)
+    >>> is_answer_type("Maybe", "pubmedqa"), is_answer_type("b", "med_mc")
+    (True, True)
+    >>> is_answer_type("\u22125", "gsm8k"), is_answer_type("B)", "med_mc"), is_answer_type("yes.", "pubmedqa")
+    (True, False, False)
     """
+    predicted = read_unicode_minus(predicted.strip())
     if db_set == "gsm8k":
         return INTEGER.fullmatch(predicted) is not None
     if db_set == "pubmedqa":
@@ -76,18 +86,24 @@ def score_answer(predicted: str, gold: str, db_set: str) -> float:
     """2.0 if ``predicted`` equals ``gold`` after normalisation, 1.0 if the gold stands in it alone,
     else 0.0.
 
-    Equality: gsm8k numerically, ignoring ``$``, thousands separators and a trailing period
-    (``"$1,080."`` = ``"1080"``); pubmedqa and med_mc case-insensitively.
+    Both sides first go through ``normalize_answer`` (every source: whitespace and trailing ``. ! ? , ; :``
+    removed, a Unicode minus before a digit read as ``-``). Then equality: gsm8k numerically, ignoring
+    ``$`` and thousands separators (``"$1,080."`` = ``"1080"``); pubmedqa case-insensitively (``"Yes."`` =
+    ``"yes"``); med_mc as option letters, any case, brackets allowed (``"a)"`` = ``"(A)"`` = ``"A"``).
     Partial (1.0): not equal, but the gold appears as a standalone token and no other label does:
     gsm8k, the only number in the answer is the gold (``"18 dollars"``); pubmedqa, the gold is the
     only one of yes/no/maybe among the words (``"maybe, the evidence is mixed"``); med_mc, the answer
-    starts with the gold's option label (``"B) Insulin"``) or the gold is the only standalone capital
-    A-D (``"The answer is B"``).
+    starts with the gold's option label, any case (``"b) Insulin"``) or the gold is the only standalone
+    capital A-D (``"The answer is B"``).
 
-    >>> score_answer("18", "18", "gsm8k"), score_answer("18 dollars", "18", "gsm8k"), score_answer("18 or 20", "18", "gsm8k")
-    (2.0, 1.0, 0.0)
+    >>> [score_answer(answer, "18", "gsm8k") for answer in ("18", "18.", "18 dollars", "18 or 20")]
+    [2.0, 2.0, 1.0, 0.0]
+    >>> score_answer("Yes.", "yes", "pubmedqa"), score_answer("a)", "A", "med_mc")
+    (2.0, 2.0)
+    >>> score_answer("\u22125", "-5", "gsm8k"), score_answer("\u22125 degrees", "-5", "gsm8k")
+    (2.0, 1.0)
     """
-    predicted, gold = predicted.strip(), gold.strip()
+    predicted, gold = normalize_answer(predicted), normalize_answer(gold)
     if not predicted or not gold:
         return 0.0
     if db_set == "gsm8k":
@@ -104,12 +120,12 @@ def score_answer(predicted: str, gold: str, db_set: str) -> float:
         found = words(predicted) & set(PUBMEDQA_LABELS)
         return PARTIAL_CREDIT if found == {gold} else 0.0
     if db_set == "med_mc":
-        gold = gold.upper()
-        if predicted.upper() == gold:
+        gold = option_letter(gold) or gold.upper()
+        if (option_letter(predicted) or predicted.upper()) == gold:
             return FULL_CREDIT
         label = LEADING_OPTION_LABEL.match(predicted)
         if label:
-            return PARTIAL_CREDIT if label.group(1) == gold else 0.0
+            return PARTIAL_CREDIT if label.group(1).upper() == gold else 0.0
         found = set(STANDALONE_LETTER.findall(predicted))
         return PARTIAL_CREDIT if found == {gold} else 0.0
     return 0.0

@@ -58,17 +58,14 @@ def extract_answer(text: Any) -> str:
 
 
 def parse_number(text: Any) -> Optional[Fraction]:
-    """A GSM8K-style answer as an exact number, ignoring ``$``, thousands separators and one trailing
-    period; None if it is not a number.
+    """A GSM8K-style answer as an exact number, ignoring ``$``, thousands separators and what
+    ``normalize_answer`` removes (trailing punctuation; a Unicode minus reads as ``-``); None if it is
+    not a number.
 
-    >>> parse_number("$1,080."), parse_number("-7"), parse_number("18.50"), parse_number("18 dollars")
+    >>> parse_number("$1,080."), parse_number("\u22127"), parse_number("18.50"), parse_number("18 dollars")
     (Fraction(1080, 1), Fraction(-7, 1), Fraction(37, 2), None)
     """
-    if not isinstance(text, str):
-        return None
-    text = text.replace("$", "").strip()
-    if text.endswith("."):
-        text = text[:-1]
+    text = normalize_answer(text).replace("$", "").strip()
     if len(text) > MAX_NUMBER_CHARS or not NUMBER.fullmatch(text):
         return None
     return Fraction(text.replace(",", ""))
@@ -91,7 +88,68 @@ def words(text: str) -> set[str]:
     return set(re.findall(r"[a-z]+", text.lower()))
 
 
-# "B)", "(B)", "B.", "B:" at the very start: the answer names an option by its label, then maybe its text.
-LEADING_OPTION_LABEL = re.compile(r"^\(?([A-D])(?:\)[.:]?|[.:])")
+# ---------------------------------------------------------------------------- answer normalisation
+# The same rules for every source (docs/REWARDS.md, "Answer normalisation", lists them with examples).
+
+# Minus signs other than "-": U+2212 minus, U+2012 figure dash, U+2013 en dash, U+FE63 small and U+FF0D
+# fullwidth hyphen-minus. Read as "-" only directly before a digit ("−5"); elsewhere they are dashes.
+_UNICODE_MINUS_BEFORE_DIGIT = re.compile(r"[\u2212\u2012\u2013\ufe63\uff0d](?=\d)")
+# Sentence punctuation that may close an answer without changing it: "Yes.", "18!", "B:".
+TRAILING_PUNCTUATION = frozenset(".!?,;:")
+# A lone option letter, any case, with at most a bracket before and after: "B", "b", "(B)", "a)", "[C]".
+_OPTION_LETTER = re.compile(r"[(\[]?([A-Da-d])[)\]]?")
+
+# "B)", "(B)", "[b]", "B.", "B:" at the very start (any case): the answer names an option by its label,
+# then maybe its text ("b) Insulin").
+LEADING_OPTION_LABEL = re.compile(r"^[(\[]?([A-D])(?:[)\]][.:]?|[.:])", re.IGNORECASE)
 # A capital A-D standing alone ("The answer is B", "B or C"); "Vitamin C" counts too (it is ambiguous).
+# Capitals only: a lowercase "a" in free text is the article.
 STANDALONE_LETTER = re.compile(r"(?<![A-Za-z])[A-D](?![A-Za-z])")
+
+
+def read_unicode_minus(text: str) -> str:
+    """Every Unicode minus or dash directly before a digit becomes ``-``; other dashes stay.
+
+    >>> read_unicode_minus("\u22125"), read_unicode_minus("18\u201320")
+    ('-5', '18-20')
+    >>> read_unicode_minus("\u2013 3 degrees")
+    '\u2013 3 degrees'
+    """
+    return _UNICODE_MINUS_BEFORE_DIGIT.sub("-", text)
+
+
+def strip_trailing_punctuation(text: str) -> str:
+    """``text`` without the whitespace and sentence punctuation (``. ! ? , ; :``) at its end.
+
+    A scan from the end, not a regex: ``[.!?]+$`` would try every start inside a long run of dots (quadratic).
+
+    >>> [strip_trailing_punctuation(text) for text in ("Yes.", "18 !?", "2.50", "B:")]
+    ['Yes', '18', '2.50', 'B']
+    """
+    end = len(text)
+    while end > 0 and (text[end - 1] in TRAILING_PUNCTUATION or text[end - 1].isspace()):
+        end -= 1
+    return text[:end]
+
+
+def normalize_answer(text: Any) -> str:
+    """An answer (or a gold) as every source compares it: surrounding whitespace and trailing sentence
+    punctuation removed, a Unicode minus before a digit read as ``-``. Letter case and inner text stay.
+
+    >>> [normalize_answer(text) for text in ("  Yes. ", "\u22125.", "(B)!", None)]
+    ['Yes', '-5', '(B)', '']
+    """
+    if not isinstance(text, str):
+        return ""
+    return strip_trailing_punctuation(read_unicode_minus(text).strip())
+
+
+def option_letter(text: str) -> Optional[str]:
+    """The capital A-D that ``text`` is, alone or with brackets (``"b"``, ``"(B)"``, ``"a)"``, ``"[C]"``);
+    None for anything else. Normalise first (``normalize_answer``) to also read ``"B."`` and ``"B:"``.
+
+    >>> [option_letter(text) for text in ("a)", "(B)", "[c]", "D", "B) Insulin", "E")]
+    ['A', 'B', 'C', 'D', None, None]
+    """
+    match = _OPTION_LETTER.fullmatch(text)
+    return match.group(1).upper() if match else None

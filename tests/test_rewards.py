@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import doctest
+import functools
 import math
 import random
+import re
+import time
 
 import pytest
 import torch
 
 import rewards.answer
 import rewards.format
+import rewards.length
 import rewards.parsing
+import rewards.registry
 from grpo.config import REWARD_FUNC_NAMES
 from rewards import (
+    OPTIONAL_REWARD_FUNCS,
     REWARD_FUNCS,
+    RewardFuncError,
     combine_rewards,
     correctness_reward_func,
+    count_xml,
     extract_answer,
     int_reward_func,
+    overlong_penalty,
+    resolve_reward_func,
     soft_format_reward_func,
+    soft_overlong_punishment,
+    soft_overlong_punishment_reward_func,
     strict_format_reward_func,
     xmlcount_reward_func,
 )
@@ -46,7 +58,7 @@ def test_registry_matches_the_config_names():
 
 
 def test_docstring_examples():
-    for module in (rewards.parsing, rewards.answer, rewards.format):
+    for module in (rewards.parsing, rewards.answer, rewards.format, rewards.length, rewards.registry):
         assert doctest.testmod(module).failed == 0, module.__name__
 
 
@@ -189,7 +201,7 @@ def test_correctness_pubmedqa():
     assert correctness("MAYBE", "maybe", "pubmedqa") == 2.0
     assert correctness("no", "yes", "pubmedqa") == 0.0
     assert correctness("maybe, the evidence is mixed", "maybe", "pubmedqa") == 1.0
-    assert correctness("Yes.", "yes", "pubmedqa") == 1.0
+    assert correctness("Yes.", "yes", "pubmedqa") == 2.0  # trailing punctuation: as "18." in gsm8k
     assert correctness("yes or no", "yes", "pubmedqa") == 0.0  # another label too
     assert correctness("no, maybe", "maybe", "pubmedqa") == 0.0
     assert correctness("yesterday", "yes", "pubmedqa") == 0.0  # not a standalone word
@@ -358,3 +370,563 @@ def test_combine_rewards_errors():
 
     with pytest.raises(ValueError, match="'broken' returned 1 values for 2 completions"):
         combine_rewards([PERFECT, PERFECT], {"answer": ["7", "7"], "db_set": ["gsm8k"] * 2}, funcs=[broken])
+
+
+# ---------------------------------------------------------------------------- format rewards = the reference
+# The reference definitions, written here independently of rewards/format.py: the regular expressions of
+# the recipe (quadratic on some inputs, fine on short strings) and count_xml with str.split.
+
+REFERENCE_SOFT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
+REFERENCE_STRICT = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$", re.DOTALL)
+
+
+def reference_count_xml(text: str) -> float:
+    count = 0.0
+    if text.count("<reasoning>\n") == 1:
+        count += 0.125
+    if text.count("\n</reasoning>\n") == 1:
+        count += 0.125
+    if text.count("\n<answer>\n") == 1:
+        count += 0.125
+        count -= len(text.split("\n</answer>\n")[-1]) * 0.001
+    if text.count("\n</answer>") == 1:
+        count += 0.125
+        count -= (len(text.split("\n</answer>")[-1]) - 1) * 0.001
+    return count
+
+
+# The tag alphabet: whole tags, their parts, the layout's separators, and every kind of whitespace that
+# "\s" matches (Unicode ones too) or does not (a zero-width space).
+TAG_ALPHABET = [
+    "<reasoning>",
+    "</reasoning>",
+    "<answer>",
+    "</answer>",
+    "<reasoning>\n",
+    "\n</reasoning>\n<answer>\n",
+    "\n</answer>\n",
+    "\n</answer>",
+    "\n",
+    "\n\n",
+    " ",
+    "\t",
+    "\r",
+    "\x0b",
+    "\x0c",
+    "\x1c",
+    "\x85",
+    "\u00a0",
+    "\u2003",
+    "\u3000",
+    "\u200b",
+    "<",
+    ">",
+    "/",
+    "reasoning",
+    "answer",
+    "x",
+    "7",
+]
+
+
+def tag_strings(count: int, seed: int) -> list[str]:
+    """Random short strings over TAG_ALPHABET, plus random edits of the perfect layout (so that the
+    strict and soft layouts are hit often, and missed by one edit often)."""
+    rng = random.Random(seed)
+    strings = ["".join(rng.choice(TAG_ALPHABET) for _ in range(rng.randint(0, 12))) for _ in range(count)]
+    layout = ["<reasoning>\n", "r", "\n</reasoning>\n<answer>\n", "7", "\n</answer>\n"]
+    for _ in range(count):
+        pieces = list(layout)
+        for _ in range(rng.randint(0, 3)):
+            where = rng.randrange(len(pieces) + 1)
+            edit = rng.choice(("insert", "delete", "replace"))
+            if edit == "insert" or not pieces:
+                pieces.insert(where, rng.choice(TAG_ALPHABET))
+            elif edit == "delete":
+                pieces.pop(min(where, len(pieces) - 1))
+            else:
+                pieces[min(where, len(pieces) - 1)] = rng.choice(TAG_ALPHABET)
+        strings.append("".join(pieces))
+    return strings
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_format_rewards_equal_the_reference_patterns_on_random_tag_strings(seed):
+    texts = tag_strings(2000, seed)
+    soft = soft_format_reward_func(texts)
+    strict = strict_format_reward_func(texts)
+    expected_soft = [0.5 if REFERENCE_SOFT.match(t) else 0.0 for t in texts]
+    expected_strict = [0.5 if REFERENCE_STRICT.match(t) else 0.0 for t in texts]
+    for text, got, want in zip(texts, soft, expected_soft, strict=True):
+        assert got == want, f"soft {text!r}"
+    for text, got, want in zip(texts, strict, expected_strict, strict=True):
+        assert got == want, f"strict {text!r}"
+    for text in texts:
+        assert count_xml(text) == reference_count_xml(text), repr(text)
+    # the comparison means something only if both outcomes occur often
+    assert 100 < expected_soft.count(0.5) < len(texts) - 100
+    assert 100 < expected_strict.count(0.5) < len(texts) - 100
+
+
+def test_format_rewards_equal_the_reference_on_hand_picked_edge_cases():
+    cases = [
+        "<reasoning></reasoning><answer></answer>",  # empty parts
+        "<reasoning></reasoning>",
+        "<reasoning>a</reasoning>\u00a0\u3000<answer>b</answer>",  # Unicode whitespace is "\s"
+        "<reasoning>a</reasoning>\u200b<answer>b</answer>",  # a zero-width space is not
+        "<reasoning>a</reasoning>x</reasoning> <answer>b</answer>",  # a later </reasoning> may work
+        "<reasoning>a</reasoning> <answer>b</answer></answer>",
+        "<reasoning></answer></reasoning><answer>b",  # </answer> before <answer> does not count
+        "<reasoning>\n\n</reasoning>\n<answer>\n\n</answer>\n",  # empty strict parts
+        "<reasoning>\n\n</reasoning>\n<answer>\n\n</answer>\n\n",  # "$" before a final newline
+        "<reasoning>\n\n</reasoning>\n<answer>\n\n</answer>\n\n\n",
+        "<reasoning>\n</reasoning>\n<answer>\n</answer>\n",  # the newlines cannot be shared
+        "<reasoning>\n\n</reasoning>\n<answer>\n\n</reasoning>\n<answer>\n\n</answer>\n",
+        "<reasoning>\n\n</reasoning>\n<answer>\n</answer>\n",
+        # overlapping "\n</answer>\n": split (the reference) and rpartition would cut at different places
+        "<reasoning>\nr\n</reasoning>\n<answer>\n7\n</answer>\n</answer>\nxy",
+    ]
+    for text in cases:
+        assert soft_format_reward_func([text]) == [0.5 if REFERENCE_SOFT.match(text) else 0.0], repr(text)
+        assert strict_format_reward_func([text]) == [0.5 if REFERENCE_STRICT.match(text) else 0.0], repr(text)
+        assert count_xml(text) == reference_count_xml(text), repr(text)
+
+
+# ---------------------------------------------------------------------------- linear time
+# The issue: the reference patterns took 1.5 s on 64 KB and 340 s on 1 MB. Checked by the ratio of the
+# times on n and 4n characters (linear: about 4; quadratic: about 16), never by seconds. CPU time of this
+# process, best of several runs, and a few attempts, so that other work on the machine cannot fail it.
+# Both sizes are above 30,000 characters, where CPython's str.find/count switches algorithm.
+
+LINEAR_SIZE = 40_000
+LINEAR_RATIO_LIMIT = 8.0
+
+
+def _repeat_to(unit: str, size: int) -> str:
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+ADVERSARIAL_BY_SIZE = {
+    "reasoning tags never closed": lambda n: _repeat_to("<reasoning>\n", n),
+    "strict separators, no closing answer": lambda n: (
+        "<reasoning>\n" + _repeat_to("\n</reasoning>\n<answer>\n", n)
+    ),
+    "soft separators, no closing answer": lambda n: "<reasoning>" + _repeat_to("</reasoning><answer>", n),
+    "closed reasoning, whitespace, no answer": lambda n: (
+        "<reasoning>" + _repeat_to("</reasoning> \n\t \n", n)
+    ),
+    "newlines": lambda n: "\n" * n,
+    "answer of thousands separators": lambda n: "<answer>" + _repeat_to("1,000", n) + "x",
+    "answer of decimals": lambda n: "<answer>" + _repeat_to("1.1", n) + "x",
+    "answer of trailing punctuation": lambda n: "<answer>yes" + _repeat_to(" .", n),
+    "answer of labels and letters": lambda n: "<answer>" + _repeat_to("B yes (C) \u22125 ", n),
+}
+ANSWER_COLUMNS = {"gsm8k": "18", "pubmedqa": "yes", "med_mc": "B"}
+
+
+def _cpu_time(func, texts: list[str], db_set: str) -> float:
+    columns = {"answer": [ANSWER_COLUMNS[db_set]] * len(texts), "db_set": [db_set] * len(texts)}
+    best = math.inf
+    for _ in range(5):
+        start = time.process_time()
+        func(texts, **columns)
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def _growth_ratio(func, make, db_set: str) -> float:
+    """CPU time on 4n characters / CPU time on n (2 completions each), the smallest of 3 attempts."""
+    ratios = []
+    for _ in range(3):
+        small = _cpu_time(func, [make(LINEAR_SIZE)] * 2, db_set)
+        large = _cpu_time(func, [make(4 * LINEAR_SIZE)] * 2, db_set)
+        ratios.append(large / max(small, 1e-6))
+        if ratios[-1] < LINEAR_RATIO_LIMIT:
+            break
+    return min(ratios)
+
+
+@pytest.mark.parametrize("case", list(ADVERSARIAL_BY_SIZE))
+def test_every_reward_takes_time_linear_in_the_completion_length(case):
+    make = ADVERSARIAL_BY_SIZE[case]
+    assert len(make(LINEAR_SIZE)) >= LINEAR_SIZE
+    for name, func in REWARD_FUNCS.items():
+        for db_set in ANSWER_COLUMNS if name in ("int_reward_func", "correctness_reward_func") else ["gsm8k"]:
+            ratio = _growth_ratio(func, make, db_set)
+            assert ratio < LINEAR_RATIO_LIMIT, f"{name} on {case!r} ({db_set}): 4x longer took {ratio:.1f}x"
+
+
+def test_the_linear_time_check_catches_the_quadratic_reference():
+    # The check above must be able to fail: the reference pattern grows about 16x for 4x the length.
+    # (Smaller sizes than above, to keep this fast; the quadratic part dominates already.)
+    def reference_soft(completions, **columns):
+        return [0.5 if REFERENCE_SOFT.match(c) else 0.0 for c in completions]
+
+    make = ADVERSARIAL_BY_SIZE["strict separators, no closing answer"]
+    small = _cpu_time(reference_soft, [make(4_000)], "gsm8k")
+    large = _cpu_time(reference_soft, [make(16_000)], "gsm8k")
+    assert large / small > LINEAR_RATIO_LIMIT
+
+
+# ---------------------------------------------------------------------------- answer normalisation
+# docs/REWARDS.md, "Answer normalisation": each rule with the examples below. Expected values by hand:
+# (answer written, gold, db_set, correctness, int_reward).
+
+NORMALISATION_CASES = [
+    # trailing punctuation (. ! ? , ; : and whitespace) is ignored by correctness, in every source ...
+    ("18.", "18", "gsm8k", 2.0, 0.0),
+    ("18!", "18", "gsm8k", 2.0, 0.0),
+    ("18 ...", "18", "gsm8k", 2.0, 0.0),
+    ("$1,080.", "1080", "gsm8k", 2.0, 0.0),
+    ("2.50.", "2.5", "gsm8k", 2.0, 0.0),
+    ("18.5", "18", "gsm8k", 0.0, 0.0),  # a decimal point is not punctuation
+    ("Yes.", "yes", "pubmedqa", 2.0, 0.0),
+    ("no!", "no", "pubmedqa", 2.0, 0.0),
+    ("maybe?", "maybe", "pubmedqa", 2.0, 0.0),
+    ("Yes;", "yes", "pubmedqa", 2.0, 0.0),
+    ("Yes.", "no", "pubmedqa", 0.0, 0.0),
+    ("B.", "B", "med_mc", 2.0, 0.0),
+    ("B:", "B", "med_mc", 2.0, 0.0),
+    ("b!", "B", "med_mc", 2.0, 0.0),
+    # ... while int_reward keeps asking for the bare form (surrounding whitespace aside)
+    (" 18 ", "18", "gsm8k", 2.0, 0.5),
+    (" yes ", "yes", "pubmedqa", 2.0, 0.5),
+    (" b ", "B", "med_mc", 2.0, 0.5),
+    # option letters: any case, with brackets, are the letter
+    ("a", "A", "med_mc", 2.0, 0.5),
+    ("a)", "A", "med_mc", 2.0, 0.0),
+    ("A)", "A", "med_mc", 2.0, 0.0),
+    ("(B)", "B", "med_mc", 2.0, 0.0),
+    ("(b)", "B", "med_mc", 2.0, 0.0),
+    ("[C]", "C", "med_mc", 2.0, 0.0),
+    ("(B).", "B", "med_mc", 2.0, 0.0),
+    ("(B)", "C", "med_mc", 0.0, 0.0),
+    ("B", "(B)", "med_mc", 2.0, 0.5),  # the gold is normalised the same way
+    ("b) Insulin", "B", "med_mc", 1.0, 0.0),  # a leading label in any case: partial
+    ("[B] Insulin", "B", "med_mc", 1.0, 0.0),
+    ("c) Vitamin B", "B", "med_mc", 0.0, 0.0),  # the label decides
+    ("The answer is b", "B", "med_mc", 0.0, 0.0),  # a lowercase letter in free text is not an option
+    ("E)", "B", "med_mc", 0.0, 0.0),
+    # a Unicode minus (or dash) directly before a digit is a minus
+    ("\u22125", "-5", "gsm8k", 2.0, 0.5),
+    ("\u20135", "-5", "gsm8k", 2.0, 0.5),  # en dash
+    ("\u22121,080.", "-1080", "gsm8k", 2.0, 0.0),
+    ("-7", "\u22127", "gsm8k", 2.0, 0.5),  # in the gold too
+    ("\u22125", "5", "gsm8k", 0.0, 0.5),  # -5 is not 5 (it used to get the partial credit)
+    ("\u22125 degrees", "-5", "gsm8k", 1.0, 0.0),
+    ("18\u201320", "18", "gsm8k", 0.0, 0.0),  # a range: two numbers
+    ("\u2212 5", "-5", "gsm8k", 0.0, 0.0),  # not directly before the digit: a dash, and 5 is not -5
+]
+
+
+@pytest.mark.parametrize(("written", "gold", "db_set", "expected", "expected_type"), NORMALISATION_CASES)
+def test_answer_normalisation_rules(written, gold, db_set, expected, expected_type):
+    assert correctness(written, gold, db_set) == expected
+    assert int_reward(written, db_set) == expected_type
+
+
+def test_trailing_punctuation_is_uniform_across_sources():
+    # The issue: "Yes." got 1.0 while "18." got 2.0. The same ending now means the same in every source.
+    for ending in (".", "!", "?", ";", ":", ",", " .", "..."):
+        assert correctness("18" + ending, "18", "gsm8k") == 2.0, ending
+        assert correctness("yes" + ending, "yes", "pubmedqa") == 2.0, ending
+        assert correctness("B" + ending, "B", "med_mc") == 2.0, ending
+        assert {int_reward("18" + ending, "gsm8k"), int_reward("yes" + ending, "pubmedqa")} == {0.0}
+
+
+# ---------------------------------------------------------------------------- TRL's signature
+
+
+def test_combine_rewards_calls_trl_style_functions_with_prompts_and_completion_ids():
+    seen = {}
+
+    def trl_length_reward(prompts, completions, completion_ids, **kwargs):
+        seen.update(prompts=prompts, completions=completions, completion_ids=completion_ids, kwargs=kwargs)
+        return [float(len(ids)) for ids in completion_ids]
+
+    completions = [PERFECT, "short"]
+    columns = {"answer": ["7", "8"], "db_set": ["gsm8k", "gsm8k"]}
+    total, per_func = combine_rewards(
+        completions,
+        columns,
+        ["correctness_reward_func", trl_length_reward],
+        prompts=["p0", "p1"],
+        completion_ids=[[1, 2, 3], [4]],
+        max_completion_length=64,
+    )
+    assert list(per_func) == ["correctness_reward_func", "trl_length_reward"]
+    assert per_func["trl_length_reward"].tolist() == [3.0, 1.0]
+    assert total.tolist() == [2.0 + 3.0, 0.0 + 1.0]
+    assert seen["prompts"] == ["p0", "p1"] and seen["completions"] == completions
+    # **kwargs gets every column and every extra keyword, and nothing of TRL's trainer extras
+    assert seen["kwargs"] == {"answer": ["7", "8"], "db_set": ["gsm8k", "gsm8k"], "max_completion_length": 64}
+
+
+def test_combine_rewards_passes_only_the_arguments_a_function_names():
+    calls = []
+
+    def ours_renamed(texts, answer):  # our convention, completions under another name, no **kwargs
+        calls.append(("ours_renamed", texts, answer))
+        return [1.0] * len(texts)
+
+    def keyword_only(*, completions, db_set):
+        calls.append(("keyword_only", completions, db_set))
+        return [2.0] * len(completions)
+
+    def only_ids(completion_ids, **kwargs):  # TRL's overlong punishment has this shape
+        calls.append(("only_ids", completion_ids, sorted(kwargs)))
+        return [float(len(ids)) for ids in completion_ids]
+
+    total, per_func = combine_rewards(
+        ["a"],
+        {"answer": ["7"], "db_set": ["gsm8k"]},
+        [ours_renamed, keyword_only, only_ids],
+        prompts=["p"],
+        completion_ids=[[5, 6]],
+    )
+    assert calls == [
+        ("ours_renamed", ["a"], ["7"]),
+        ("keyword_only", ["a"], ["gsm8k"]),
+        ("only_ids", [[5, 6]], ["answer", "completions", "db_set", "prompts"]),
+    ]
+    assert total.tolist() == [1.0 + 2.0 + 2.0]
+
+
+def test_combine_rewards_names_callables_as_trl_does():
+    class LengthPenalty:  # a callable object with a __name__, as TRL's reward classes
+        __name__ = "length_penalty_reward"
+
+        def __call__(self, completion_ids, **kwargs):
+            return [-float(len(ids)) for ids in completion_ids]
+
+    class Unnamed:
+        def __call__(self, completions, **kwargs):
+            return [0.0] * len(completions)
+
+    def scaled(completions, factor, **columns):
+        return [factor * len(c) for c in completions]
+
+    _, per_func = combine_rewards(
+        ["ab"], {}, [LengthPenalty(), Unnamed(), functools.partial(scaled, factor=0.5)], completion_ids=[[1]]
+    )
+    assert per_func == {
+        "length_penalty_reward": torch.tensor([-1.0]),
+        "Unnamed": torch.tensor([0.0]),
+        "scaled": torch.tensor([1.0]),
+    }
+
+
+def test_combine_rewards_argument_errors_are_clear():
+    columns = {"answer": ["7"], "db_set": ["gsm8k"]}
+
+    def needs_prompts(prompts, completions, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardFuncError, match=r"'needs_prompts' cannot be called .*'prompts'"):
+        combine_rewards([PERFECT], columns, [needs_prompts])  # no prompts= given
+    with pytest.raises(
+        RewardFuncError, match="'prompts' is given both as a dataset column and as an argument"
+    ):
+        combine_rewards([PERFECT], {**columns, "prompts": ["x"]}, [needs_prompts], prompts=["p"])
+    with pytest.raises(RewardFuncError, match="may not be named 'completions'"):
+        combine_rewards([PERFECT], {**columns, "completions": ["x"]})
+    with pytest.raises(RewardFuncError, match=r"named twice: \['int_reward_func'\]"):
+        combine_rewards([PERFECT], columns, ["int_reward_func", int_reward_func])
+
+    def gives_none(completions, **kwargs):  # TRL's "does not apply": we need a number
+        return [None]
+
+    def gives_nan(completions, **kwargs):
+        return [math.nan]
+
+    def gives_a_number(completions, **kwargs):
+        return 1.0
+
+    with pytest.raises(RewardFuncError, match="'gives_none' returned None for completion 0"):
+        combine_rewards([PERFECT], columns, [gives_none])
+    with pytest.raises(RewardFuncError, match="'gives_nan' returned nan for completion 0"):
+        combine_rewards([PERFECT], columns, [gives_nan])
+    with pytest.raises(RewardFuncError, match="'gives_a_number' returned float, not a list of 1 numbers"):
+        combine_rewards([PERFECT], columns, [gives_a_number])
+
+    def gives_a_tensor(completions, **kwargs):
+        return torch.tensor([0.25] * len(completions))
+
+    _, per_func = combine_rewards(
+        [PERFECT, ""], {"answer": ["7", "7"], "db_set": ["gsm8k"] * 2}, [gives_a_tensor]
+    )
+    assert per_func["gives_a_tensor"].tolist() == [0.25, 0.25]
+
+
+# ---------------------------------------------------------------------------- reward functions by import path
+
+
+USER_MODULE = """
+def length_reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def trl_style(prompts, completions, completion_ids, **kwargs):
+    return [float(len(p)) for p in prompts]
+
+
+class Holder:
+    @staticmethod
+    def constant(completions, **kwargs):
+        return [3.0] * len(completions)
+
+
+NOT_CALLABLE = 3
+"""
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    """A package ``grpo_test_user_rewards`` on sys.path: ``scoring`` (reward functions) and ``broken``
+    (fails to import: it imports a module that does not exist)."""
+    package = tmp_path / "grpo_test_user_rewards"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "scoring.py").write_text(USER_MODULE)
+    (package / "broken.py").write_text("import grpo_test_no_such_module_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "grpo_test_user_rewards"
+
+
+def test_resolve_reward_func_by_import_path(user_package):
+    import grpo_test_user_rewards.scoring as scoring
+
+    assert resolve_reward_func(f"{user_package}.scoring:length_reward") is scoring.length_reward
+    assert resolve_reward_func(f"{user_package}.scoring.length_reward") is scoring.length_reward  # TRL's form
+    assert resolve_reward_func(f"{user_package}.scoring:Holder.constant") is scoring.Holder.constant
+    # built-in names still resolve to the built-ins; callables are returned as they are
+    for name, func in REWARD_FUNCS.items():
+        assert resolve_reward_func(name) is func
+    assert resolve_reward_func("soft_overlong_punishment") is soft_overlong_punishment_reward_func
+    assert resolve_reward_func(scoring.length_reward) is scoring.length_reward
+
+
+def test_combine_rewards_accepts_import_paths(user_package):
+    spec = f"{user_package}.scoring:length_reward"
+    trl_spec = f"{user_package}.scoring:trl_style"
+    total, per_func = combine_rewards(
+        ["abc", "<answer>7</answer>"],
+        {"answer": ["7", "7"], "db_set": ["gsm8k", "gsm8k"]},
+        ["correctness_reward_func", spec, trl_spec],
+        weights=[1.0, 0.5, 1.0],
+        prompts=["p", "pp"],
+        completion_ids=[[1], [2]],
+    )
+    assert list(per_func) == ["correctness_reward_func", spec, trl_spec]  # named as the config wrote them
+    assert per_func[spec].tolist() == [3.0, 18.0]
+    assert per_func[trl_spec].tolist() == [1.0, 2.0]
+    assert total.tolist() == [0.0 + 1.5 + 1.0, 2.0 + 9.0 + 2.0]
+
+
+def test_resolve_reward_func_errors_name_the_spec(user_package):
+    cases = [
+        ("grpo_test_missing_pkg.rewards:fn", "cannot find module 'grpo_test_missing_pkg.rewards'"),
+        (f"{user_package}.nope:fn", f"cannot find module '{user_package}.nope'"),
+        (f"{user_package}.scoring:missing", "has no attribute 'missing'"),
+        (f"{user_package}.scoring:Holder.missing", "has no attribute 'Holder.missing'"),
+        (f"{user_package}.scoring:NOT_CALLABLE", "'NOT_CALLABLE' is a int, not a callable"),
+        (
+            f"{user_package}.broken:fn",
+            "importing module 'grpo_test_user_rewards.broken' failed: ModuleNotFound",
+        ),
+        ("nope", "unknown reward function 'nope'; known: xmlcount_reward_func"),
+        (":fn", "unknown reward function ':fn'"),
+        ("module:", "unknown reward function 'module:'"),
+    ]
+    for spec, message in cases:
+        with pytest.raises(RewardFuncError, match=re.escape(message)) as raised:
+            resolve_reward_func(spec)
+        assert repr(spec) in str(raised.value), spec
+    with pytest.raises(RewardFuncError, match="must be a name, an import path or a callable, got 3"):
+        resolve_reward_func(3)
+    with pytest.raises(RewardFuncError, match="grpo_test_missing_pkg"):
+        combine_rewards([PERFECT], {}, ["grpo_test_missing_pkg:fn"])
+
+
+# ---------------------------------------------------------------------------- DAPO's soft overlong punishment
+
+
+def trl_soft_overlong_punishment(max_completion_len, soft_punish_cache, completion_ids):
+    """TRL 1.16's _SoftOverlongPunishment.__call__, copied as the reference."""
+    rewards = []
+    for ids in completion_ids:
+        completion_length = len(ids)
+        if completion_length <= max_completion_len - soft_punish_cache:
+            rewards.append(0.0)
+        elif max_completion_len - soft_punish_cache < completion_length <= max_completion_len:
+            rewards.append((max_completion_len - soft_punish_cache - completion_length) / soft_punish_cache)
+        else:
+            rewards.append(-1.0)
+    return rewards
+
+
+def test_overlong_penalty_at_the_boundaries():
+    # L = 100, C = 20: no penalty up to 80 tokens, then -1/20 per token, -1 at and beyond 100.
+    expected = {0: 0.0, 79: 0.0, 80: 0.0, 81: -0.05, 90: -0.5, 99: -0.95, 100: -1.0, 101: -1.0, 500: -1.0}
+    for length, value in expected.items():
+        assert overlong_penalty(length, 100, 20) == pytest.approx(value), length
+    # C = 0: a hard limit, 0 up to L, -1 beyond
+    assert [overlong_penalty(n, 10, 0) for n in (0, 10, 11)] == [0.0, 0.0, -1.0]
+    # C = L: the penalty starts at the first token
+    assert [overlong_penalty(n, 4, 4) for n in (0, 1, 2, 4, 5)] == [0.0, -0.25, -0.5, -1.0, -1.0]
+
+
+def test_soft_overlong_punishment_equals_trl():
+    ids = [[7] * n for n in range(0, 140)]
+    for max_length, cache in ((100, 20), (128, 0), (16, 16), (50, 1), (1, 1)):
+        expected = trl_soft_overlong_punishment(max_length, cache, ids)
+        assert soft_overlong_punishment(max_length, cache)(completion_ids=ids) == expected
+        texts = ["x"] * len(ids)
+        assert soft_overlong_punishment_reward_func(texts, ids, max_length, cache) == expected
+
+
+def test_soft_overlong_punishment_through_combine_rewards():
+    completion_ids = [[1] * 80, [1] * 90, [1] * 100]
+    texts = ["a", "b", "c"]
+    # the registered name: limits passed by the trainer as extra keywords
+    total, per_func = combine_rewards(
+        texts,
+        {"answer": ["7"] * 3, "db_set": ["gsm8k"] * 3},
+        ["soft_overlong_punishment"],
+        completion_ids=completion_ids,
+        max_completion_length=100,
+        soft_punish_cache=20,
+    )
+    assert per_func["soft_overlong_punishment"].tolist() == [0.0, -0.5, -1.0]
+    # the factory: limits fixed once, TRL's form
+    _, per_func = combine_rewards(
+        texts, {}, [soft_overlong_punishment(100, 40)], completion_ids=completion_ids
+    )
+    assert per_func["soft_overlong_punishment"].tolist() == pytest.approx([-0.5, -0.75, -1.0])
+    # not part of the recipe: the default five do not include it
+    assert (
+        "soft_overlong_punishment" in OPTIONAL_REWARD_FUNCS and "soft_overlong_punishment" not in REWARD_FUNCS
+    )
+
+
+def test_soft_overlong_punishment_errors():
+    with pytest.raises(ValueError, match="needs completion_ids"):
+        combine_rewards(
+            ["a"], {}, ["soft_overlong_punishment"], max_completion_length=10, soft_punish_cache=2
+        )
+    with pytest.raises(ValueError, match="needs max_completion_length"):
+        combine_rewards(["a"], {}, ["soft_overlong_punishment"], completion_ids=[[1]], soft_punish_cache=2)
+    with pytest.raises(ValueError, match="needs soft_punish_cache"):
+        soft_overlong_punishment_reward_func(["a"], [[1]], max_completion_length=10)
+    with pytest.raises(ValueError, match="not a tensor"):
+        soft_overlong_punishment_reward_func(["a"], torch.ones(1, 4), 10, 2)
+    with pytest.raises(ValueError, match="2 completions but 1 completion_ids entries"):
+        soft_overlong_punishment_reward_func(["a", "b"], [[1]], 10, 2)
+    with pytest.raises(
+        ValueError, match=r"soft_punish_cache must be in \[0, max_completion_length=10\], got 11"
+    ):
+        soft_overlong_punishment(10, 11)
+    with pytest.raises(ValueError, match="max_completion_length must be positive, got 0"):
+        soft_overlong_punishment(0, 0)
+    with pytest.raises(ValueError, match="soft_punish_cache must be an integer, got 2.5"):
+        soft_overlong_punishment(10, 2.5)
