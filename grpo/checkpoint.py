@@ -1,44 +1,105 @@
-"""Checkpoints that a kill can never break, and an exact resume.
+"""Checkpoints that a kill can never break, that cannot run code, that say when they are damaged, and
+an output folder that a new run cannot silently take over.
 
 ``output_dir/checkpoint-<step>/`` holds:
 
     adapter_model.safetensors, adapter_config.json   the PEFT adapter (PeftModel.from_pretrained reads it)
     optimizer.pt, scheduler.pt                        optimiser and learning-rate schedule state
     rng_state_<rank>.pt                               python / torch RNG state of every process
-    trainer_state.json                                step, data position, counters, the config
+    trainer_state.json                                step, data position, counters, num_processes, config
+    checkpoint_manifest.json                          size and sha256 of every file above (written last)
 
-Everything is written into ``checkpoint-<step>.tmp/`` first and then renamed in one ``os.replace``:
-a process killed (even with SIGKILL) in the middle of a save leaves only a ``.tmp`` folder, which
-``latest_checkpoint`` ignores and the next save removes.
+Complete: everything is written into ``checkpoint-<step>.tmp/`` and then renamed in one ``os.replace``.
+The rename is the completeness marker: a process killed (even with SIGKILL) during a save leaves only a
+``.tmp`` folder, which ``checkpoint_dirs`` ignores and ``remove_incomplete_checkpoints`` deletes.
+
+Intact: the manifest is the last file written before the rename, so it covers every other file. A file
+changed afterwards (a truncated copy, a full disk, a power cut before the page cache reached the disk,
+a hand edit) no longer matches it: ``verify_checkpoint`` names the file and what is wrong, and
+``resolve_checkpoint("latest", ...)`` falls back to the newest checkpoint that verifies.
+
+Checkpoints of the previous version have no manifest. They are accepted, with a note, after structural
+checks (each file there and not empty, the JSON parses, the safetensors header matches the file size,
+each ``.pt`` zip archive passes its CRC check): those saves were atomic too, so refusing them would
+strand every run in progress at the upgrade, and the checks catch the damage that truncation causes.
+
+Safe: every ``.pt`` file is read with ``torch.load(weights_only=True)``, which builds only tensors and
+plain containers and refuses any other pickled object, so a tampered file cannot run code. The bitsandbytes
+8-bit AdamW state (uint8 tensors, quantisation maps, absmax), the LR scheduler state and the RNG state
+(python's ``random.getstate()`` is a tuple of ints) all load that way.
+
+Every problem is one ``CheckpointError`` whose message names the file and what is wrong; the CLI prints it
+as one line.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import struct
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from models.policy import load_adapter, save_adapter
+from models.policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_INCOMPLETE_RE = re.compile(r"^checkpoint-(\d+)\.tmp$")
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "checkpoint_manifest.json"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+MANIFEST_FORMAT = 1
+# files a checkpoint cannot resume without (rng_state_<rank>.pt is per process: at least rank 0's)
+REQUIRED_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER, SCHEDULER, TRAINER_STATE, "rng_state_0.pt")
 
 
-def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in output_dir, oldest first (``.tmp`` folders are incomplete: skipped)."""
+class CheckpointError(RuntimeError):
+    """A checkpoint or output folder cannot be used; the message names the file and what is wrong.
+
+    ``file`` is the path of the file (or folder) at fault, when there is one.
+    """
+
+    def __init__(self, message: str, file: str | os.PathLike | None = None):
+        super().__init__(message)
+        self.file = None if file is None else Path(file)
+
+
+class OutputDirError(CheckpointError):
+    """output_dir cannot be written, or holds another run that a fresh run would overwrite."""
+
+
+def rng_file_name(rank: int) -> str:
+    return f"rng_state_{rank}.pt"
+
+
+# ============================================================================ finding checkpoints
+
+
+def _step_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """Every ``checkpoint-<step>/`` folder in output_dir (complete or not), by step, oldest first."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = [
         (int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()
     ]
-    return [p for _, p in sorted(found) if (p / TRAINER_STATE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in output_dir, oldest first (``.tmp`` folders are incomplete: skipped)."""
+    return [p for p in _step_folders(output_dir) if (p / TRAINER_STATE).is_file()]
 
 
 def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -50,22 +111,259 @@ def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Path:
-    """``'latest'`` -> the newest complete checkpoint in output_dir; else the folder ``spec`` itself."""
-    if spec == "latest":
-        found = checkpoint_dirs(output_dir)
-        if not found:
-            raise FileNotFoundError(f"resume_from_checkpoint='latest': no checkpoint-<step>/ in {output_dir}")
-        return found[-1]
-    path = Path(spec)
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(
-            f"resume_from_checkpoint={spec!r}: not a checkpoint folder (no {TRAINER_STATE})"
+def rotate_checkpoints(
+    output_dir: str | os.PathLike, save_total_limit: int | None, keep: str | os.PathLike | None = None
+) -> list[Path]:
+    """Delete the oldest complete checkpoints so that at most ``save_total_limit`` remain (HF semantics).
+
+    ``keep`` (the checkpoint just written) is never deleted, even when its step is not the highest (a
+    resume from an older checkpoint re-writes a lower step): it counts as the newest. None or a limit
+    <= 0 keeps everything. Only complete ``checkpoint-<step>/`` folders are counted and deleted.
+    Call it on the main process only. Returns the deleted folders, oldest first.
+
+    Example: checkpoint-2, -4, -6, -8 with limit 2 -> deletes 2 and 4; with keep=checkpoint-4 -> deletes
+    2 and 6 (4 and 8 remain).
+    """
+    if not save_total_limit or save_total_limit <= 0:
+        return []
+    complete = checkpoint_dirs(output_dir)
+    if keep is not None:
+        kept = Path(keep).resolve()
+        others = [p for p in complete if p.resolve() != kept]
+        complete = others + [p for p in complete if p.resolve() == kept]
+    doomed = complete[: max(0, len(complete) - save_total_limit)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return sorted(doomed, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
+
+
+# ============================================================================ manifest and verification
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_in(folder: Path) -> list[str]:
+    """Relative names of the regular files under folder, sorted, without the manifest itself."""
+    return sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+
+
+def write_manifest(folder: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """Write ``checkpoint_manifest.json``: the size and sha256 of every other file in folder.
+
+    It must be the last file written into a checkpoint: it vouches only for what is there when it is made.
+    Returns the manifest, e.g. ``{"format": 1, "step": 4, "files": {"optimizer.pt": {"bytes": 2915,
+    "sha256": "9f86d0..."}, ...}}``.
+    """
+    folder = Path(folder)
+    files = {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+        for name in _files_in(folder)
+    }
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def has_manifest(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _read_json_object(file: Path) -> dict[str, Any]:
+    """The JSON object in file, or CheckpointError naming the file (missing, empty, torn, not an object)."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing", file)
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: unreadable JSON ({_first_line(err)})", file) from err
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, found {type(value).__name__}", file)
+    return value
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint, checked: a JSON object with an integer ``step`` that matches
+    the folder name ``checkpoint-<step>`` (when the folder has that name)."""
+    path = Path(path)
+    file = path / TRAINER_STATE
+    state = _read_json_object(file)
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{file}: 'step' is {step!r}, expected a non-negative integer", file)
+    if (m := _CHECKPOINT_RE.match(path.name)) and int(m.group(1)) != step:
+        raise CheckpointError(f"{file}: step {step} but the folder is {path.name}", file)
+    return state
+
+
+def _verify_against_manifest(path: Path) -> None:
+    manifest_file = path / MANIFEST
+    manifest = _read_json_object(manifest_file)
+    files = manifest.get("files")
+    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+        raise CheckpointError(
+            f"{manifest_file}: not a manifest this version reads (format {manifest.get('format')!r})",
+            manifest_file,
         )
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise CheckpointError(f"{manifest_file}: does not list {name}", manifest_file)
+    for name, expected in files.items():
+        file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{manifest_file}: lists {name!r}, outside the checkpoint", manifest_file)
+        if not isinstance(expected, dict):
+            raise CheckpointError(f"{manifest_file}: the entry of {name} is not an object", manifest_file)
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (the manifest lists it)", file)
+        size = file.stat().st_size
+        if size != expected.get("bytes"):
+            raise CheckpointError(
+                f"{file}: {size} bytes, the manifest says {expected.get('bytes')} (truncated or changed)",
+                file,
+            )
+        if _sha256(file) != expected.get("sha256"):
+            raise CheckpointError(f"{file}: sha256 differs from the manifest (changed after the save)", file)
+
+
+def _check_safetensors(file: Path) -> None:
+    """The safetensors layout: 8-byte header length n, n bytes of JSON header, then exactly the tensor
+    bytes the header's data_offsets describe. A truncated file is shorter than that."""
+    size = file.stat().st_size
+    with file.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file}: {size} bytes, too short for a safetensors file", file)
+        (header_len,) = struct.unpack("<Q", head)
+        if 8 + header_len > size:
+            raise CheckpointError(f"{file}: truncated inside its header ({size} bytes)", file)
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(
+                f"{file}: unreadable safetensors header ({_first_line(err)})", file
+            ) from err
+    try:
+        data_end = max(
+            (int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0
+        )
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: unreadable safetensors header ({_first_line(err)})", file) from err
+    if size != 8 + header_len + data_end:
+        raise CheckpointError(
+            f"{file}: {size} bytes, its header describes {8 + header_len + data_end} (truncated?)", file
+        )
+
+
+def _check_torch_archive(file: Path) -> None:
+    """torch.save writes a zip archive with a CRC per member: truncation or changed bytes fail the test."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad_member = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise CheckpointError(
+            f"{file}: not a complete torch.save archive ({_first_line(err)})", file
+        ) from err
+    if bad_member is not None:
+        raise CheckpointError(f"{file}: CRC error in {bad_member} (damaged)", file)
+
+
+def _verify_structure(path: Path) -> None:
+    """What can be checked without a manifest (checkpoints of the previous version)."""
+    for name in REQUIRED_FILES:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing", file)
+        if file.stat().st_size == 0:
+            raise CheckpointError(f"{file}: empty (0 bytes)", file)
+    _read_json_object(path / ADAPTER_CONFIG)
+    _check_safetensors(path / ADAPTER_WEIGHTS)
+    for file in sorted(path.glob("*.pt")):
+        _check_torch_archive(file)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise CheckpointError (naming the file: missing, size, checksum, unreadable JSON) unless the
+    checkpoint folder is intact.
+
+    With a manifest: every file it lists exists with its size and sha256, and it lists the required files.
+    Without one (written by the previous version): the structural checks of the module docstring.
+    Both: trainer_state.json holds a JSON object whose step matches the folder name.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder", path)
+    if has_manifest(path):
+        _verify_against_manifest(path)
+    else:
+        _verify_structure(path)
+    read_trainer_state(path)
+
+
+def resolve_checkpoint(
+    spec: str, output_dir: str | os.PathLike, warn: Callable[[str], None] | None = None
+) -> Path:
+    """The checkpoint to resume from: ``'latest'`` -> the newest intact one in output_dir; else the folder
+    ``spec``, which must verify.
+
+    For 'latest', each newer checkpoint that fails ``verify_checkpoint`` is skipped, and
+    ``warn("skipped <folder>: <file>: <what is wrong>")`` says so; a checkpoint without a manifest is taken
+    with ``warn("<folder>: no checkpoint_manifest.json ...")``. CheckpointError when there is no
+    checkpoint, none is intact (each reason listed), or the explicit folder does not verify.
+    """
+    say = warn or (lambda message: None)
+    if spec == "latest":
+        found = _step_folders(output_dir)
+        if not found:
+            raise CheckpointError(
+                f"resume_from_checkpoint='latest': no checkpoint-<step>/ in {output_dir} "
+                "(start without --resume_from_checkpoint)",
+                output_dir,
+            )
+        reasons = []
+        for path in reversed(found):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as err:
+                reasons.append(str(err))
+                say(f"skipped {path}: {err}")
+                continue
+            _note_if_unverified(path, say)
+            return path
+        raise CheckpointError(
+            f"resume_from_checkpoint='latest': none of the {len(found)} checkpoints in {output_dir} "
+            "is intact: " + "; ".join(reasons),
+            found[-1],
+        )
+    path = Path(spec)
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"resume_from_checkpoint={spec!r}: {err}", err.file) from err
+    _note_if_unverified(path, say)
     return path
 
 
+def _note_if_unverified(path: Path, say: Callable[[str], None]) -> None:
+    if not has_manifest(path):
+        say(
+            f"{path}: no {MANIFEST} (saved by an earlier version): "
+            "checked its files' structure, not checksums"
+        )
+
+
+# ============================================================================ save and load
+
+
 def _rng_state() -> dict[str, Any]:
+    # python's state is (version, tuple of 625 ints, None): plain containers, so weights_only loads it
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -73,7 +371,8 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -90,7 +389,9 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint-<step>/ atomically (all processes call this; rank 0 writes the shared parts).
 
-    trainer_state must be JSON-serialisable (step, data position, counters, config dict).
+    trainer_state must be JSON-serialisable (step, data position, counters, config dict); ``step`` and
+    ``num_processes`` are added. Order: adapter, optimiser, schedule; every process's RNG;
+    trainer_state.json; the manifest; then the rename that makes the folder visible.
     """
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f"checkpoint-{step}.tmp"
@@ -98,27 +399,283 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_adapter(accelerator.unwrap_model(model), str(tmp))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    torch.save(_rng_state(), tmp / rng_file_name(accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        # trainer_state.json is written last: its presence marks a complete folder
-        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        num_processes = getattr(accelerator, "num_processes", 1)
+        state = {**trainer_state, "step": step, "num_processes": num_processes}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        write_manifest(tmp, step)  # last: it vouches for every file above
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+@contextmanager
+def _reading(file: Path, what: str) -> Iterator[None]:
+    """Turn any failure while reading or applying file into one CheckpointError that names it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except torch.OutOfMemoryError:  # not the file's fault
+        raise
+    except pickle.UnpicklingError as err:  # weights_only refused a pickled object that is not a tensor
+        raise CheckpointError(
+            f"{file}: refused: it holds pickled Python objects, not only tensors (weights_only=True); "
+            "a tampered or foreign file? Nothing in it was run",
+            file,
+        ) from err
+    except Exception as err:
+        raise CheckpointError(f"{file}: {what} ({_first_line(err)})", file) from err
+
+
+def _torch_load(file: Path) -> Any:
+    """torch.load that can build only tensors and plain containers (no code runs from the file)."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing", file)
+    with _reading(file, "cannot be read"):
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, accelerator) -> dict[str, Any]:
-    """Restore adapter, optimiser, schedule and this process's RNG; return the saved trainer_state."""
+    """Restore adapter, optimiser, schedule and this process's RNG; return the saved trainer_state.
+
+    Every file is read (safely) before anything is changed, so an unreadable file leaves the model as it
+    was. Any failure is a CheckpointError naming the file: unreadable, refused, or not fitting this run
+    (a LoRA rank or an optimiser of another shape). Call ``resolve_checkpoint`` first: it verifies the
+    checksums. A missing rng_state_<rank>.pt (a resume on more processes) leaves that process's RNG as is.
+    """
     path = Path(path)
-    load_adapter(accelerator.unwrap_model(model), str(path))  # in place: the optimiser stays valid
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng_file = path / f"rng_state_{accelerator.process_index}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / TRAINER_STATE).read_text())
+    trainer_state = read_trainer_state(path)
+    optimizer_state = _torch_load(path / OPTIMIZER)
+    scheduler_state = _torch_load(path / SCHEDULER)
+    rng_file = path / rng_file_name(accelerator.process_index)
+    rng_state = _torch_load(rng_file) if rng_file.is_file() else None
+
+    _read_json_object(path / ADAPTER_CONFIG)
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: missing", path / ADAPTER_WEIGHTS)
+    _check_safetensors(path / ADAPTER_WEIGHTS)
+    with _reading(path / ADAPTER_WEIGHTS, "does not fit this model"):
+        load_adapter(accelerator.unwrap_model(model), str(path))  # in place: the optimiser stays valid
+    with _reading(path / OPTIMIZER, "does not fit this run's optimiser"):
+        optimizer.load_state_dict(optimizer_state)
+    with _reading(path / SCHEDULER, "does not fit this run's schedule"):
+        scheduler.load_state_dict(scheduler_state)
+    if rng_state is not None:
+        with _reading(rng_file, "is not an RNG state"):
+            _set_rng_state(rng_state)
+    return trainer_state
+
+
+# ============================================================================ the output folder
+
+# What a run writes into output_dir besides its checkpoints; --overwrite_output_dir deletes only these
+# (and checkpoint-<step>/, checkpoint-<step>.tmp/), never other files a user keeps there.
+RUN_OUTPUTS = ("metrics.jsonl", "metrics.png", "runs")
+
+
+def run_outputs(output_dir: str | os.PathLike) -> list[Path]:
+    """An earlier run's files and folders in output_dir: checkpoints (complete or not) and RUN_OUTPUTS."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    checkpoints = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and (_CHECKPOINT_RE.match(p.name) or _INCOMPLETE_RE.match(p.name))
+    ]
+    others = [root / name for name in RUN_OUTPUTS if (root / name).exists()]
+    return sorted(checkpoints) + others
+
+
+def check_output_dir(
+    output_dir: str | os.PathLike, overwrite_output_dir: bool, resuming: bool, is_main_process: bool = True
+) -> list[Path]:
+    """Make sure a run may write into output_dir, before any model is loaded. Returns what was deleted.
+
+    1. The folder is created if needed and must be writable (a probe file is written and deleted):
+       OutputDirError naming output_dir if not.
+    2. A fresh run (not ``resuming``) in a folder that holds an earlier run's checkpoints or metrics.jsonl
+       is refused (OutputDirError saying both ways out), unless ``overwrite_output_dir``: then the
+       earlier run's outputs (``run_outputs``) are deleted, by the main process only.
+    A resumed run deletes nothing, even with overwrite_output_dir: it needs those checkpoints.
+    Call it on every process (they all see the same folder, so they all raise alike), then wait.
+    """
+    root = Path(output_dir)
+    probe = root / f".write_probe_{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputDirError(f"output_dir {str(root)!r} is not writable ({_first_line(err)})", root) from err
+    if resuming:
+        return []
+    earlier = run_outputs(root)
+    if not any(p.name == "metrics.jsonl" or p.name.startswith("checkpoint-") for p in earlier):
+        return []  # a plot or a tensorboard folder alone is no run to lose
+    if not overwrite_output_dir:
+        shown = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+        raise OutputDirError(
+            f"output_dir {str(root)!r} already holds a run ({shown}); continue it with "
+            "--resume_from_checkpoint latest, or start over with --overwrite_output_dir true "
+            "(deletes those), or choose another --output_dir",
+            root,
+        )
+    if is_main_process:
+        for path in earlier:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return earlier
+
+
+# ============================================================================ resuming the same run
+
+# The config fields that MAY differ between a checkpoint and the run that resumes it. Every other field
+# defines the run (model, LoRA, data, sampling, GRPO math, rewards, optimiser, seed): an allow-list, so a
+# field added later is defining until someone decides otherwise.
+RESUMABLE_FIELDS = frozenset(
+    {
+        # how long and where
+        "max_steps", "output_dir", "resume_from_checkpoint", "overwrite_output_dir",
+        # what is logged, saved and evaluated along the way
+        "logging_steps", "logging_first_step", "log_completions", "num_completions_to_print",
+        "save_steps", "save_total_limit", "eval_steps", "eval_size", "report_to", "run_name",
+        "debug", "disable_tqdm",
+        # how the same computation is carried out (memory, speed, engine): the objective is unchanged
+        "sampler", "logprob_backend", "gradient_checkpointing", "train_micro_batch_size",
+        "vllm_gpu_memory_utilization", "vllm_max_model_len", "max_nonfinite_updates",
+        # compared as one product, prompts per optimiser step, when both process counts are known
+        "per_device_train_batch_size", "gradient_accumulation_steps",
+    }
+)  # fmt: skip
+# the one derived quantity: the number of processes does not change the math, the global batch does
+PROMPTS_PER_STEP = "prompts_per_step"
+_BATCH_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+def config_defaults() -> dict[str, Any]:
+    """The default value of every GRPOConfig field (JSON form), without building or validating a config."""
+    from grpo.config import GRPOConfig
+
+    defaults = {}
+    for f in dataclasses.fields(GRPOConfig):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return _as_json(defaults)
+
+
+def _as_json(value: Any) -> Any:
+    """The value as it reads back from trainer_state.json (tuples -> lists), so both sides compare alike."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _prompts_per_step(config: dict[str, Any], num_processes: int) -> int | None:
+    try:
+        return (
+            int(config["per_device_train_batch_size"])
+            * int(config.get("gradient_accumulation_steps", 1))
+            * num_processes
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def config_differences(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+    *,
+    saved_num_processes: int | None = None,
+    current_num_processes: int | None = None,
+) -> list[str]:
+    """The fields that define the run and differ between the checkpoint's config and the current one.
+
+    A field differs unless it is in RESUMABLE_FIELDS, or both values are equal (compared as JSON reads
+    them back: 1 == 1.0, a tuple equals its list). A field the checkpoint does not have (added to the
+    config since) differs only if its current value is not its default (``defaults``, GRPOConfig's when
+    None): the default must keep the old behaviour. A field only the checkpoint has (since removed)
+    is ignored: the current code cannot act on it.
+    With both process counts, per_device_train_batch_size x gradient_accumulation_steps x processes is
+    compared as ``prompts_per_step`` (6 x 1 x 1 == 3 x 1 x 2: the same run); without them (a checkpoint
+    of the previous version), the two fields are compared one by one.
+
+    Example: saved {"seed": 7, "lora_r": 8, "max_steps": 4}, current {"seed": 1, "lora_r": 8,
+    "max_steps": 40} -> ["seed"].
+    """
+    saved, current = _as_json(saved), _as_json(current)
+    defaults = config_defaults() if defaults is None else _as_json(defaults)
+    by_product = saved_num_processes is not None and current_num_processes is not None
+    differing = []
+    for name, value in current.items():
+        if name in RESUMABLE_FIELDS and (by_product or name not in _BATCH_FIELDS):
+            continue
+        if name in saved:
+            if saved[name] != value:
+                differing.append(name)
+        elif name not in defaults or defaults[name] != value:
+            differing.append(name)
+    if by_product and _prompts_per_step(saved, saved_num_processes) != _prompts_per_step(
+        current, current_num_processes
+    ):
+        differing.append(PROMPTS_PER_STEP)
+    return differing
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_resume_config(
+    checkpoint: str | os.PathLike,
+    saved_state: dict[str, Any],
+    current: dict[str, Any],
+    num_processes: int | None = None,
+) -> None:
+    """CheckpointError naming each field (checkpoint value -> current value) when the checkpoint belongs to
+    a run defined differently (``config_differences``). ``saved_state`` is the checkpoint's trainer_state."""
+    saved = saved_state.get("config")
+    if not isinstance(saved, dict):
+        file = Path(checkpoint) / TRAINER_STATE
+        raise CheckpointError(f"{file}: has no 'config' to compare this run with", file)
+    saved_processes = saved_state.get("num_processes")
+    differing = config_differences(
+        saved,
+        current,
+        saved_num_processes=saved_processes,
+        current_num_processes=num_processes if saved_processes is not None else None,
+    )
+    if not differing:
+        return
+    parts = []
+    for name in differing:
+        if name == PROMPTS_PER_STEP:
+            before = _prompts_per_step(_as_json(saved), saved_processes)
+            after = _prompts_per_step(_as_json(current), num_processes)
+            parts.append(
+                f"prompts per step (per_device_train_batch_size x gradient_accumulation_steps x processes) "
+                f"{before} -> {after}"
+            )
+        elif name in saved:
+            parts.append(f"{name} {_short(saved[name])} -> {_short(current[name])}")
+        else:
+            parts.append(f"{name} (not in the checkpoint) -> {_short(current[name])}")
+    raise CheckpointError(
+        f"cannot resume from {checkpoint}: it belongs to a run defined differently: {'; '.join(parts)}. "
+        "Put those values back to continue it, or start a new run (another --output_dir, or "
+        "--overwrite_output_dir true without --resume_from_checkpoint)",
+        checkpoint,
+    )
