@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from models.samplers import derive_seed
 from rewards import REWARD_FUNCS, combine_rewards
 from rewards.answer import FULL_CREDIT, PARTIAL_CREDIT
 
@@ -160,10 +161,10 @@ def summarize(records: Sequence[Mapping[str, Any]], samples: int) -> dict[str, A
 # ============================================================================ generating and scoring
 
 
-def _call_seed(seed: int, source: str, start: int) -> int:
-    """The seed of one generate call: a hash of (run seed, source name, first row), so each batch of
-    each source has its own stream and adding a source changes no other source's samples."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(source.encode()), start]).generate_state(1)[0]) >> 1
+def _prompt_seeds(seed: int, source: str, indices: Sequence[int]) -> list[int]:
+    """One seed per prompt: a hash of (run seed, source name, the row's index in its source), so a
+    prompt's samples depend neither on the batch it was generated in nor on the other sources."""
+    return [derive_seed(seed, zlib.crc32(source.encode()), index) for index in indices]
 
 
 def generate_and_score(
@@ -189,9 +190,8 @@ def generate_and_score(
     for start in range(0, len(rows), batch_size):
         batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
         prompt_ids = sampler.encode([row["prompt"] for row in batch])
-        completions = sampler.generate(
-            prompt_ids, samples, seed=_call_seed(seed, source, start), settings=settings
-        )
+        seeds = _prompt_seeds(seed, source, range(start, start + len(batch)))
+        completions = sampler.generate(prompt_ids, samples, seeds, settings=settings)
         owners = [batch[c.prompt_index] for c in completions]
         scores = score_completions(
             [c.text for c in completions],

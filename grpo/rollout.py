@@ -36,14 +36,17 @@ class Rollout:
         return [c.text for c in self.completions]
 
 
-def generate_rollout(sampler: Sampler, rows: list[dict], group_size: int, seed: int, pad_id: int) -> Rollout:
+def generate_rollout(
+    sampler: Sampler, rows: list[dict], group_size: int, seeds: Sequence[int], pad_id: int
+) -> Rollout:
     """Sample ``group_size`` completions per row with the current policy and collate them.
 
-    The chat template is applied here, once. Reproducible for a given seed, which is what makes a resumed
-    run repeat the same samples.
+    The chat template is applied here, once. seeds: one per row; the same seed draws the same completions
+    whatever else is in the batch, which is what makes a resumed run repeat the same samples and the
+    number of processes irrelevant.
     """
     prompt_ids = sampler.encode([row["prompt"] for row in rows])
-    completions = sampler.generate(prompt_ids, group_size, seed=seed)
+    completions = sampler.generate(prompt_ids, group_size, seeds)
     batch = collate(prompt_ids, completions, pad_id)
     columns = {
         key: [row[key] for row in rows for _ in range(group_size)] for key in rows[0] if key != "prompt"

@@ -55,6 +55,7 @@ from grpo.metrics import MetricsLogger, length_metrics, plot_metrics, reward_met
 from grpo.rollout import Rollout, generate_rollout
 from models.forward import completion_logprobs
 from models.policy import reference_model
+from models.samplers import derive_seed
 from rewards import combine_rewards
 
 if TYPE_CHECKING:
@@ -138,8 +139,8 @@ def grpo_step(run: Run) -> list[dict[str, Any]]:
 
     # 2. G completions per prompt from the current policy.
     with timer("generate"):
-        seed = step_seed(cfg.seed, state.step, accelerator.process_index)
-        rollout = generate_rollout(run.sampler, rows, cfg.num_generations, seed, run.tokenizer.pad_token_id)
+        seeds = [derive_seed(cfg.seed, position) for position in range(start, start + prompts_per_process)]
+        rollout = generate_rollout(run.sampler, rows, cfg.num_generations, seeds, run.tokenizer.pad_token_id)
     batch = {k: v.to(accelerator.device) for k, v in rollout.batch.items()}
 
     # 3. Score them: each reward function, then the weighted sum.
@@ -204,15 +205,6 @@ def global_reward_metrics(
         db_sets = gather_object(list(db_sets))
     metrics = reward_metrics(rewards, rewards_per_func, db_sets, cfg.num_generations)
     return {"num_completions": len(rewards), **metrics}
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The sampling seed of a step on one process: a pure function of (seed, step, rank).
-
-    Because the samples of step s depend on nothing else, a resumed run draws exactly the samples the
-    uninterrupted run drew.
-    """
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**31 - 1)
 
 
 def micro_batches(n: int, size: int) -> list[slice]:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from models.samplers import Completion, Sampler, SamplingSettings, default_stop_token_ids
+from models.samplers import Completion, Sampler, SamplingSettings, default_stop_token_ids, derive_seed
 
 
 class _SampledTokenLogprobs:
@@ -72,7 +72,7 @@ class HFSampler(Sampler):
         self.model = model  # generate runs on the live policy: nothing to copy
 
     def _generate(
-        self, prompt_ids: list[list[int]], num_generations: int, seed: int, settings: SamplingSettings
+        self, prompt_ids: list[list[int]], num_generations: int, seeds: list[int], settings: SamplingSettings
     ) -> list[Completion]:
         rows = [(p, ids) for p, ids in enumerate(prompt_ids) for _ in range(num_generations)]
         step = self.batch_size or len(rows)
@@ -84,7 +84,7 @@ class HFSampler(Sampler):
         devices = [device] if device.type == "cuda" else []
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
+                torch.manual_seed(derive_seed(*seeds))  # TODO(per-row streams): one stream per batch for now
                 for start in range(0, len(rows), step):
                     outputs += self._generate_batch(rows[start : start + step], settings, device)
         finally:

@@ -6,7 +6,7 @@ completions from the *current* policy. Two samplers keep one contract, ``models/
 
     sampler = make_sampler(config, model, tokenizer, model_path, dtype)   # prints which one and why
     prompt_ids = sampler.encode(prompts)                     # chat messages -> token ids (ChatML template)
-    outputs = sampler.generate(prompt_ids, num_generations=G, seed=seed)
+    outputs = sampler.generate(prompt_ids, num_generations=G, seeds=seeds)  # one seed per prompt
     ...                                                      # rewards, advantages, loss, optimiser step
     sampler.update_policy(model)                             # the next generate uses the new adapter
 
@@ -115,16 +115,21 @@ class Sampler(abc.ABC):
         self,
         prompt_ids: Sequence[Sequence[int]],
         num_generations: int,
-        seed: int,
+        seeds: Sequence[int],
         settings: Optional[SamplingSettings] = None,
     ) -> list[Completion]:
-        """N = len(prompt_ids) * num_generations completions, groups contiguous, reproducible for a seed.
+        """N = len(prompt_ids) * num_generations completions, groups contiguous.
 
-        prompt_ids: the token ids of each prompt (``encode`` makes them from chats). settings overrides the
-        sampler's own (e.g. greedy for evaluation).
+        prompt_ids: the token ids of each prompt (``encode`` makes them from chats). seeds: one per prompt;
+        completion g of prompt p is drawn from its own random stream, seeded by ``(seeds[p], g)``, whatever
+        else is in the batch: the same seed gives the same completion in a batch of 1 or of 100, on one
+        process or another (this is what makes the number of processes irrelevant to the samples).
+        settings overrides the sampler's own (e.g. greedy for evaluation).
         """
         if num_generations < 1:
             raise ValueError(f"num_generations={num_generations}: must be >= 1")
+        if len(seeds) != len(prompt_ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts: give one seed per prompt")
         if len(prompt_ids) == 0:
             return []
         prompt_ids = [list(ids) for ids in prompt_ids]
@@ -133,7 +138,9 @@ class Sampler(abc.ABC):
                 raise ValueError(f"prompt {i} is empty")
             if not all(isinstance(t, int) for t in ids):
                 raise ValueError(f"prompt {i}: expected token ids (Sampler.encode turns chats into ids)")
-        outputs = self._generate(prompt_ids, num_generations, seed, settings or self.settings)
+        outputs = self._generate(
+            prompt_ids, num_generations, [int(s) for s in seeds], settings or self.settings
+        )
         assert [o.prompt_index for o in outputs] == [
             p for p in range(len(prompt_ids)) for _ in range(num_generations)
         ]
@@ -141,7 +148,7 @@ class Sampler(abc.ABC):
 
     @abc.abstractmethod
     def _generate(
-        self, prompt_ids: list[list[int]], num_generations: int, seed: int, settings: SamplingSettings
+        self, prompt_ids: list[list[int]], num_generations: int, seeds: list[int], settings: SamplingSettings
     ) -> list[Completion]: ...
 
     @abc.abstractmethod
@@ -198,13 +205,21 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, index: int = 0) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def completion_seed(seed: int, prompt_index: int) -> int:
-    """A 31-bit seed for prompt ``prompt_index`` of the call seeded ``seed``.
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed that is a hash of ``parts`` (e.g. run seed, step, prompt position, completion index).
 
-    Hashing (seed, prompt) rather than adding them keeps neighbouring steps' streams apart: with
-    ``seed + prompt_index`` step s, prompt 1 and step s + 1, prompt 0 would draw the same numbers.
+    Hashing rather than adding keeps neighbouring streams apart: with ``seed + index``, step s, prompt 1
+    and step s + 1, prompt 0 would draw the same numbers.
+
+    >>> derive_seed(3407, 2, 5) == derive_seed(3407, 2, 5), derive_seed(3407, 2, 5) == derive_seed(3407, 5, 2)
+    (True, False)
     """
-    return int(np.random.SeedSequence([seed, prompt_index]).generate_state(1)[0]) >> 1
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]) >> 1
+
+
+def completion_seed(prompt_seed: int, index: int) -> int:
+    """The seed of completion ``index`` of the prompt seeded ``prompt_seed``: ``derive_seed(prompt_seed, index)``."""
+    return derive_seed(prompt_seed, index)
 
 
 # ---------------------------------------------------------------------------- choosing
@@ -285,6 +300,7 @@ __all__ = [
     "SamplingSettings",
     "choose_sampler",
     "completion_seed",
+    "derive_seed",
     "default_stop_token_ids",
     "encode_prompt",
     "make_sampler",

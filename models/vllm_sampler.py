@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from models.policy import save_adapter
-from models.samplers import Completion, Sampler, SamplingSettings, completion_seed, default_stop_token_ids
+from models.samplers import Completion, Sampler, SamplingSettings, default_stop_token_ids
 
 # vLLM only accepts these LoRA ranks (vllm.config.lora.MaxLoRARanks in 0.32.0); read at run time when possible.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -182,7 +182,7 @@ class VLLMSampler(Sampler):
             shutil.rmtree(previous.lora_path, ignore_errors=True)
 
     def _generate(
-        self, prompt_ids: list[list[int]], num_generations: int, seed: int, settings: SamplingSettings
+        self, prompt_ids: list[list[int]], num_generations: int, seeds: list[int], settings: SamplingSettings
     ) -> list[Completion]:
         from vllm import SamplingParams
 
@@ -197,8 +197,9 @@ class VLLMSampler(Sampler):
         params = [
             SamplingParams(
                 n=num_generations,
-                # vLLM seeds child j of a request with seed + j: each completion has its own stream.
-                seed=completion_seed(seed, p),
+                # vLLM seeds child j of a request with seed + j: each completion has its own stream,
+                # which does not depend on the other requests of the batch.
+                seed=seeds[p],
                 temperature=settings.temperature,
                 top_p=settings.top_p,
                 top_k=settings.top_k if settings.top_k > 0 else -1,

@@ -43,7 +43,7 @@ from grpo.metrics import sampler_mismatch  # noqa: E402
 from grpo.rollout import collate  # noqa: E402
 from models.hf_sampler import HFSampler  # noqa: E402
 from models.policy import resolve_dtype, resolve_model_path  # noqa: E402
-from models.samplers import SamplingSettings, make_sampler, vllm_importable  # noqa: E402
+from models.samplers import SamplingSettings, derive_seed, make_sampler, vllm_importable  # noqa: E402
 from models.tiny import TINY_MODEL  # noqa: E402
 from models.tiny.random_qwen import write_random_qwen  # noqa: E402
 
@@ -66,13 +66,14 @@ PROMPT = [
 
 def timed_generate(sampler, prompts, num_generations: int, seed: int) -> dict:
     prompt_ids = sampler.encode(prompts)
-    sampler.generate(
-        prompt_ids[:1], 1, seed=seed, settings=SamplingSettings(max_completion_length=4)
-    )  # warm-up
+    warm_up = SamplingSettings(max_completion_length=4)
+    sampler.generate(prompt_ids[:1], 1, [seed], settings=warm_up)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    outputs = sampler.generate(prompt_ids, num_generations, seed=seed)
+    outputs = sampler.generate(
+        prompt_ids, num_generations, [derive_seed(seed, p) for p in range(len(prompt_ids))]
+    )
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -94,7 +95,9 @@ def measure_mismatch(cfg: GRPOConfig, vllm_sampler, prompts, seed: int) -> dict:
     # the adapter vLLM holds now (the one update_policy last saved), read into each trainer-side policy
     adapter_dir = vllm_sampler._lora_request.lora_path
     prompt_ids = vllm_sampler.encode(prompts)
-    outputs = vllm_sampler.generate(prompt_ids, cfg.num_generations, seed=seed)
+    outputs = vllm_sampler.generate(
+        prompt_ids, cfg.num_generations, [derive_seed(seed, p) for p in range(len(prompt_ids))]
+    )
     batch = collate(prompt_ids, outputs, pad_id=vllm_sampler.tokenizer.pad_token_id)
     result = {}
     for name, four_bit in (("trainer_4bit_nf4", True), ("trainer_same_precision", False)):

@@ -67,13 +67,13 @@ class PlantedSampler(Sampler):
         )
         self.script = script
         self.questions = list(script)
-        self.calls: list[tuple[int, SamplingSettings, int]] = []
+        self.calls: list[tuple[list[int], SamplingSettings, int]] = []
 
     def encode(self, prompts):  # the prompt's position in the script stands in for its token ids
         return [[self.questions.index(p[-1]["content"])] for p in prompts]
 
-    def _generate(self, prompt_ids, num_generations, seed, settings):
-        self.calls.append((seed, settings, len(prompt_ids)))
+    def _generate(self, prompt_ids, num_generations, seeds, settings):
+        self.calls.append((seeds, settings, len(prompt_ids)))
         out = []
         for p, ids in enumerate(prompt_ids):
             planted = self.script[self.questions[ids[0]]]
@@ -201,7 +201,7 @@ def test_report_keeps_every_completion_and_its_scores(planted_report):
     assert first["lengths"] == [10, 12, 64] and first["truncated"] == [False, False, True]
     # batch_size=1: one call per prompt, each with its own seed, all with the settings given
     assert len(sampler.calls) == 4
-    assert len({seed for seed, _, _ in sampler.calls}) == 4
+    assert len({seed for seeds, _, _ in sampler.calls for seed in seeds}) == 4
     assert all(s.temperature == 0.7 for _, s, _ in sampler.calls)
     json.dumps(report)  # the report is plain JSON
 
@@ -440,7 +440,8 @@ def trained_adapter(tmp_path_factory) -> str:
 
 def greedy_texts(model, tokenizer, rows) -> list[str]:
     sampler = HFSampler(model, tokenizer, SamplingSettings(temperature=0, max_completion_length=12))
-    return [c.text for c in sampler.generate(sampler.encode([r["prompt"] for r in rows]), 1, seed=0)]
+    prompt_ids = sampler.encode([r["prompt"] for r in rows])
+    return [c.text for c in sampler.generate(prompt_ids, 1, [0] * len(prompt_ids))]
 
 
 @pytest.mark.slow

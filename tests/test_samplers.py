@@ -26,6 +26,7 @@ from models.samplers import (
     SamplingSettings,
     choose_sampler,
     completion_seed,
+    derive_seed,
     encode_prompt,
     make_sampler,
     vllm_importable,
@@ -74,6 +75,11 @@ def test_choose_sampler_follows_the_config_and_the_machine():
 
 
 # ---------------------------------------------------------------------------- the tiny policy
+
+
+def seeds_for(prompt_ids: list, seed: int) -> list[int]:
+    """One seed per prompt, as the trainer and the evaluation derive them."""
+    return [derive_seed(seed, p) for p in range(len(prompt_ids))]
 
 
 def resolved(config: GRPOConfig) -> tuple[str, torch.dtype]:
@@ -170,7 +176,7 @@ def hf_sampled(policy):
     model, tokenizer = policy
     sampler = HFSampler(model, tokenizer, SamplingSettings.from_config(tiny_config()))
     prompt_ids = sampler.encode(PROMPTS)
-    outputs = sampler.generate(prompt_ids, G, seed=1234)
+    outputs = sampler.generate(prompt_ids, G, seeds_for(prompt_ids, 1234))
     return sampler, prompt_ids, outputs
 
 
@@ -219,10 +225,11 @@ def test_hf_is_reproducible_for_a_seed_and_leaves_the_global_rng_alone(policy):
     torch.manual_seed(99)
     expected_next = torch.rand(3)
     torch.manual_seed(99)
-    first = sampler.generate(sampler.encode(PROMPTS[:2]), 3, seed=5)
+    prompt_ids = sampler.encode(PROMPTS[:2])
+    first = sampler.generate(prompt_ids, 3, seeds_for(prompt_ids, 5))
     assert torch.equal(torch.rand(3), expected_next)
-    again = sampler.generate(sampler.encode(PROMPTS[:2]), 3, seed=5)
-    other = sampler.generate(sampler.encode(PROMPTS[:2]), 3, seed=6)
+    again = sampler.generate(prompt_ids, 3, seeds_for(prompt_ids, 5))
+    other = sampler.generate(prompt_ids, 3, seeds_for(prompt_ids, 6))
     assert [o.token_ids for o in first] == [o.token_ids for o in again]
     assert [o.logprobs for o in first] == [o.logprobs for o in again]
     assert [o.token_ids for o in first] != [o.token_ids for o in other]
@@ -233,8 +240,9 @@ def test_hf_top_k_1_is_greedy_and_its_processed_logprobs_are_zero(policy):
     model, tokenizer = policy
     greedy = HFSampler(model, tokenizer, SamplingSettings(temperature=0.0, max_completion_length=8))
     top1 = HFSampler(model, tokenizer, SamplingSettings(temperature=1.0, top_k=1, max_completion_length=8))
-    a = greedy.generate(greedy.encode(PROMPTS[:3]), 1, seed=0)
-    b = top1.generate(top1.encode(PROMPTS[:3]), 2, seed=0)
+    prompt_ids = greedy.encode(PROMPTS[:3])
+    a = greedy.generate(prompt_ids, 1, seeds_for(prompt_ids, 0))
+    b = top1.generate(prompt_ids, 2, seeds_for(prompt_ids, 0))
     for i, o in enumerate(a):
         assert b[2 * i].token_ids == o.token_ids == b[2 * i + 1].token_ids
         assert all(lp == 0.0 for lp in b[2 * i].logprobs)
@@ -245,8 +253,10 @@ def test_hf_batch_size_does_not_change_the_contract(policy):
     model, tokenizer = policy
     settings = SamplingSettings(temperature=0.0, max_completion_length=5)
     prompt_ids = [encode_prompt(tokenizer, p) for p in PROMPTS[:3]]
-    whole = HFSampler(model, tokenizer, settings).generate(prompt_ids, 2, seed=0)
-    chunked = HFSampler(model, tokenizer, settings, batch_size=4).generate(prompt_ids, 2, seed=0)
+    whole = HFSampler(model, tokenizer, settings).generate(prompt_ids, 2, seeds_for(prompt_ids, 0))
+    chunked = HFSampler(model, tokenizer, settings, batch_size=4).generate(
+        prompt_ids, 2, seeds_for(prompt_ids, 0)
+    )
     assert [o.token_ids for o in whole] == [o.token_ids for o in chunked]
     assert [o.prompt_index for o in chunked] == [0, 0, 1, 1, 2, 2]
 
@@ -290,8 +300,8 @@ def test_vllm_greedy_completions_equal_hf_greedy(vllm_sampler, policy):
     model, tokenizer = policy
     settings = SamplingSettings(temperature=0.0, max_completion_length=16)
     prompt_ids = vllm_sampler.encode(PROMPTS)
-    from_vllm = vllm_sampler.generate(prompt_ids, 1, seed=0, settings=settings)
-    from_hf = HFSampler(model, tokenizer, settings).generate(prompt_ids, 1, seed=0)
+    from_vllm = vllm_sampler.generate(prompt_ids, 1, seeds_for(prompt_ids, 0), settings=settings)
+    from_hf = HFSampler(model, tokenizer, settings).generate(prompt_ids, 1, seeds_for(prompt_ids, 0))
     for a, b in zip(from_vllm, from_hf, strict=True):
         assert a.token_ids == b.token_ids
         assert a.text == b.text
@@ -303,9 +313,9 @@ def test_vllm_greedy_completions_equal_hf_greedy(vllm_sampler, policy):
 def test_vllm_groups_eos_truncation_and_seed(vllm_sampler, policy):
     model, _ = policy
     prompt_ids = vllm_sampler.encode(PROMPTS)
-    outputs = vllm_sampler.generate(prompt_ids, G, seed=1234)
+    outputs = vllm_sampler.generate(prompt_ids, G, seeds_for(prompt_ids, 1234))
     check_contract(outputs, vllm_sampler.stop_token_ids, len(PROMPTS), G, MAX_NEW)
-    again = vllm_sampler.generate(prompt_ids[:2], G, seed=1234)
+    again = vllm_sampler.generate(prompt_ids[:2], G, seeds_for(prompt_ids[:2], 1234))
     assert [o.token_ids for o in again] == [o.token_ids for o in outputs[: 2 * G]]
     # sampled log-probs at temperature 0.7 are the trainer's log_softmax(logits / 0.7)
     batch = collate(prompt_ids, outputs, pad_id=vllm_sampler.tokenizer.pad_token_id)
@@ -330,7 +340,7 @@ def test_vllm_follows_the_adapter_after_an_optimiser_step(vllm_sampler, policy):
     model, tokenizer = policy
     prompt_ids = vllm_sampler.encode(PROMPTS[:4])
     settings = SamplingSettings(temperature=1.0, max_completion_length=12)
-    before = vllm_sampler.generate(prompt_ids, 2, seed=7, settings=settings)
+    before = vllm_sampler.generate(prompt_ids, 2, seeds_for(prompt_ids, 7), settings=settings)
     batch = collate(prompt_ids, before, pad_id=tokenizer.pad_token_id)
     old_adapter = adapter_state(model)
     old_request = vllm_sampler._lora_request
@@ -350,7 +360,7 @@ def test_vllm_follows_the_adapter_after_an_optimiser_step(vllm_sampler, policy):
         assert not os.path.exists(old_request.lora_path)
 
         # what vLLM samples now carries the new policy's log-probs ...
-        after = vllm_sampler.generate(prompt_ids, 2, seed=7, settings=settings)
+        after = vllm_sampler.generate(prompt_ids, 2, seeds_for(prompt_ids, 7), settings=settings)
         batch_after = collate(prompt_ids, after, pad_id=tokenizer.pad_token_id)
         mask = batch_after["completion_mask"]
         trainer_new = trainer_logprobs(model, batch_after, 1.0)

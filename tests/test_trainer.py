@@ -16,7 +16,7 @@ import torch
 from grpo.config import load_config
 from grpo.loss import policy_loss, sequence_mask
 from grpo.metrics import read_metrics
-from grpo.trainer import micro_batch_weight, micro_batches, step_seed, trim
+from grpo.trainer import micro_batch_weight, micro_batches, trim
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "data" / "fixtures"
@@ -62,10 +62,6 @@ def test_micro_batches_sum_to_the_full_batch_loss(loss_type):
 
 def test_micro_batches_cover_the_rows_in_order_the_last_one_shorter():
     assert micro_batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
-
-
-def test_step_seeds_differ_across_steps_and_ranks():
-    assert len({step_seed(1, s, r) for s in range(50) for r in range(4)}) == 200
 
 
 def test_trim_drops_only_unused_padding():
