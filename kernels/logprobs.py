@@ -22,6 +22,13 @@ in the backward, where
 (With a frozen weight, the recipe's tied lm_head, the torch backend computes that [M, H] gradient in
 the forward instead, while each chunk's softmax is in memory: one matmul per chunk fewer.)
 
+The per-token entropy H[m] = logsumexp(z[m]) - sum_v p[m, v] z[m, v] (z = logits / T) comes out of the same
+pass. It is detached unless `entropy_grad=True` (an entropy bonus in the loss); then the backward adds
+
+    d H[m] / d z[m, v] = -p[m, v] (log p[m, v] + H[m])
+
+to the logits gradient, with the same recomputed p.
+
 Backends: "naive" (the reference, first in this file: the definition every backend must equal),
 "torch" (chunked, kernels/logprobs_torch.py, any device), "triton" (fused
 kernels in kernels/logprobs_triton.py, CUDA, or CPU under TRITON_INTERPRET=1), "auto" (triton on
@@ -43,13 +50,20 @@ BACKENDS = ("auto", "torch", "triton", "naive")
 # ----------------------------------------------------------------------------------------------------
 
 
-def _naive(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, return_entropy: bool):
+def _naive(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    temperature: float,
+    return_entropy: bool,
+    entropy_grad: bool = False,
+):
     logits = (hidden @ weight.T).float() / temperature  # [M, V]
     log_probs = torch.log_softmax(logits, dim=-1)
     logp = log_probs.gather(-1, targets[:, None].long()).squeeze(-1)
     if not return_entropy:
         return logp
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):  # plain autograd when asked
         entropy = -(log_probs.exp() * log_probs).sum(-1)
     return logp, entropy
 
@@ -68,6 +82,7 @@ def token_logprobs(
     *,
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of each target token under `softmax(hidden @ weight.T / temperature)`.
 
@@ -79,24 +94,41 @@ def token_logprobs(
         backend: "auto" | "torch" | "triton" | "naive".
         chunk_size: tokens per chunk. torch backend: forward and backward (default 128);
             triton backend: backward only (the [chunk, V] softmax gradient lives there; default 512).
-        return_entropy: also return the per-token entropy of the same distribution (no gradient).
+        return_entropy: also return the per-token entropy of the same distribution.
+        entropy_grad: make that entropy differentiable too (needs `return_entropy=True`); set it when the
+            entropy enters the loss (an entropy bonus), since the forward cannot know. Off: the entropy is
+            detached and every backend runs exactly as without it. On, with a frozen weight, the torch
+            backend recomputes the softmax in the backward instead of computing the gradient in the
+            forward (the same three matmuls per chunk, and [M] saved instead of two [M, H]).
 
     Returns:
         logp: [M] float32, differentiable with respect to `hidden` and to `weight` when it requires grad.
-        With `return_entropy=True`, `(logp, entropy)` with entropy [M] float32 (detached).
+        With `return_entropy=True`, `(logp, entropy)` with entropy [M] float32, detached unless
+        `entropy_grad=True`, where d entropy[m] / d z[m, v] = -p[m, v] (log p[m, v] + entropy[m]).
 
     Example (V = 3, one token, weight = identity so the logits are the hidden state itself):
         >>> h = torch.tensor([[0.0, 0.0, 1.0]]); w = torch.eye(3); t = torch.tensor([2])
         >>> token_logprobs(h, w, t, backend="torch")  # log(e / (1 + 1 + e)) = 1 - log(2 + e)
         tensor([-0.5514])
+
+    Example, entropy gradient (same logits [0, 0, 1]: p = [0.2119, 0.2119, 0.5761],
+    entropy = -sum p log p = 0.9753, d entropy / d z = -p (log p + entropy) = [0.1221, 0.1221, -0.2442]):
+        >>> h = torch.tensor([[0.0, 0.0, 1.0]], requires_grad=True)
+        >>> _, entropy = token_logprobs(h, w, t, backend="torch", return_entropy=True, entropy_grad=True)
+        >>> entropy.sum().backward(); h.grad
+        tensor([[ 0.1221,  0.1221, -0.2442]])
     """
     backend = _resolve_backend(backend, hidden)
     _check_inputs(hidden, weight, targets, temperature, backend)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if entropy_grad and not return_entropy:
+        raise ValueError(
+            "entropy_grad=True needs return_entropy=True (it makes the returned entropy differentiable)"
+        )
 
     if backend == "naive":
-        return _naive(hidden, weight, targets, temperature, return_entropy)
+        return _naive(hidden, weight, targets, temperature, return_entropy, entropy_grad)
 
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if not needs_grad:
@@ -107,7 +139,7 @@ def token_logprobs(
         return (logp, entropy) if return_entropy else logp
 
     logp, entropy = _StreamingLogprobs.apply(
-        hidden, weight, targets, float(temperature), backend, chunk_size, return_entropy
+        hidden, weight, targets, float(temperature), backend, chunk_size, return_entropy, entropy_grad
     )
     return (logp, entropy) if return_entropy else logp
 
@@ -226,35 +258,54 @@ def _forward(backend, hidden, weight, targets, temperature, chunk_size, with_ent
 
 
 def _backward(
-    backend, hidden, weight, targets, lse, grad_logp, temperature, chunk_size, need_hidden, need_weight
+    backend,
+    hidden,
+    weight,
+    targets,
+    lse,
+    grad_logp,
+    temperature,
+    chunk_size,
+    need_hidden,
+    need_weight,
+    entropy=None,
+    grad_entropy=None,
 ):
-    """(d_hidden, d_weight) from the torch or triton backend (None where not needed)."""
+    """(d_hidden, d_weight) from the torch or triton backend (None where not needed).
+
+    `grad_entropy` (with the saved `entropy`) adds the entropy's term to the logits gradient; None: logp only.
+    """
+    args = (hidden, weight, targets, lse, grad_logp, temperature, chunk_size, need_hidden, need_weight)
     if backend == "torch":
-        return torch_backward(
-            hidden, weight, targets, lse, grad_logp, temperature, chunk_size, need_hidden, need_weight
-        )
+        return torch_backward(*args, entropy=entropy, grad_entropy=grad_entropy)
     from kernels.logprobs_triton import triton_logprobs_backward
 
-    return triton_logprobs_backward(
-        hidden, weight, targets, lse, grad_logp, temperature, chunk_size, need_hidden, need_weight
-    )
+    return triton_logprobs_backward(*args, entropy=entropy, grad_entropy=grad_entropy)
 
 
 class _StreamingLogprobs(torch.autograd.Function):
     """Autograd wrapper of the torch and triton backends. Two ways to get the gradient:
 
-    - recompute (triton always; torch when the weight is trained): save lse [M] besides the inputs,
-      and in the backward rebuild each chunk's softmax from it (kernels/logprobs_torch.py docstring formula).
+    - recompute (triton always; torch when the weight is trained or the entropy needs a gradient): save
+      lse [M] (and the entropy [M] when it is differentiable) besides the inputs, and in the backward
+      rebuild each chunk's softmax from it (kernels/logprobs_torch.py docstring formula).
     - gradient in the forward (torch with a frozen weight, the recipe's tied lm_head): logp[m] depends
       on hidden[m] only, so d loss / d hidden[m] = grad_logp[m] * dlogp_dhidden[m]. The forward computes
       dlogp_dhidden [M, H] while each chunk's softmax is in memory and the backward just scales it:
       two matmuls over [C, V] per chunk instead of three (the same trick as Liger's fused linear
       cross-entropy). Only useful because a forward with grad enabled is always followed by a backward.
+      With `entropy_grad` it would need a second [M, H] (d entropy / d hidden) and a second matmul per
+      chunk in the forward: three matmuls, as many as recomputing, and more memory, so that case recomputes.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, backend, chunk_size, with_entropy):
-        ctx.grad_in_forward = backend == "torch" and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, temperature, backend, chunk_size, with_entropy, entropy_grad):
+        if entropy_grad:
+            # An output that did not reach the loss then gets None in backward, not a zeros tensor: a
+            # loss without the entropy skips its term (without entropy_grad the entropy never gets one).
+            ctx.set_materialize_grads(False)
+        frozen_weight = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        ctx.grad_in_forward = backend == "torch" and frozen_weight and not entropy_grad
         if ctx.grad_in_forward:
             logp, _lse, entropy, dlogp_dhidden = torch_forward(
                 hidden, weight, targets, temperature, chunk_size, with_entropy, hidden_grad=True
@@ -264,21 +315,26 @@ class _StreamingLogprobs(torch.autograd.Function):
             logp, lse, entropy = _forward(
                 backend, hidden, weight, targets, temperature, chunk_size, with_entropy
             )
-            ctx.save_for_backward(hidden, weight, targets, lse)
+            saved_entropy = (entropy,) if entropy_grad else ()
+            ctx.save_for_backward(hidden, weight, targets, lse, *saved_entropy)
         ctx.temperature, ctx.backend, ctx.chunk_size = temperature, backend, chunk_size
         ctx.hidden_dtype = hidden.dtype
         if entropy is None:
             entropy = torch.empty(0, device=hidden.device)
-        ctx.mark_non_differentiable(entropy)
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        if ctx.grad_in_forward:
+    def backward(ctx, grad_logp, grad_entropy):
+        if ctx.grad_in_forward:  # the entropy is non-differentiable here, so grad_logp is a tensor
             (dlogp_dhidden,) = ctx.saved_tensors
             d_hidden = (dlogp_dhidden * grad_logp[:, None].to(dlogp_dhidden.dtype)).to(ctx.hidden_dtype)
-            return d_hidden, None, None, None, None, None, None
-        hidden, weight, targets, lse = ctx.saved_tensors
+            return d_hidden, None, None, None, None, None, None, None
+        hidden, weight, targets, lse, *saved_entropy = ctx.saved_tensors
+        entropy = saved_entropy[0] if saved_entropy else None
+        if grad_logp is None:  # entropy_grad, and only the entropy reached the loss
+            grad_logp = torch.zeros_like(lse)
         d_hidden, d_weight = _backward(
             ctx.backend,
             hidden,
@@ -290,5 +346,7 @@ class _StreamingLogprobs(torch.autograd.Function):
             ctx.chunk_size,
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],  # a frozen (tied) lm_head: the d_weight matmuls are skipped
+            entropy=entropy,
+            grad_entropy=None if grad_entropy is None or entropy is None else grad_entropy.contiguous(),
         )
-        return d_hidden, d_weight, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None, None

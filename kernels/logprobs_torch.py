@@ -9,6 +9,13 @@ chunk's softmax from the saved log-sum-exp, p = exp(logits / T - lse), and forms
 
 With a frozen weight (the recipe's tied lm_head) `torch_forward(..., hidden_grad=True)` computes the
 [M, H] gradient d logp / d hidden in the forward instead, while the chunk's softmax is in memory.
+
+When the entropy H[m] = -sum_v p[m, v] log p[m, v] is in the loss too (an entropy bonus), the backward also
+gets its upstream gradient grad_entropy [M] and the saved entropy, and the logits gradient gains a term,
+
+    d H[m] / d z[m, v] = -p[m, v] (log p[m, v] + H[m])          (z = logits / T)
+
+(`torch_backward(..., entropy=, grad_entropy=)`), reusing the chunk's rebuilt p.
 """
 
 from __future__ import annotations
@@ -103,6 +110,8 @@ def torch_backward(
     chunk_size: int | None,
     need_hidden: bool,
     need_weight: bool,
+    entropy: Tensor | None = None,
+    grad_entropy: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Gradients chunk by chunk, with coef[m] = grad_logp[m] / T and p = softmax(logits / T):
 
@@ -110,30 +119,70 @@ def torch_backward(
         d weight    = sum_m coef[m] * (onehot(targets[m]) - p[m])^T hidden[m]
 
     p is rebuilt from the saved lse: p = exp(logits / T - lse), no max or sum needed.
+
+    With `grad_entropy` [M] (the upstream gradient of the entropy; `entropy` [M] saved by the forward),
+    the logits gradient per chunk becomes
+
+        d loss / d z[m] = grad_logp[m] (onehot - p[m]) - grad_entropy[m] p[m] (log p[m] + entropy[m])
+
+    and d hidden = (d loss / d z) @ W / T, d weight = (d loss / d z)^T hidden / T as above.
     """
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
     chunk = min(chunk_size or DEFAULT_CHUNK_SIZE, max(num_tokens, 1))
     acc_dtype = lse.dtype
     inv_temp = 1.0 / temperature
     coef = grad_logp.to(acc_dtype) * inv_temp  # [M]
+    with_entropy_grad = grad_entropy is not None
+    if with_entropy_grad:
+        if entropy is None:
+            raise ValueError("torch_backward: grad_entropy needs the entropy saved by the forward")
+        grad_logp, grad_entropy = grad_logp.to(acc_dtype), grad_entropy.to(acc_dtype)
     d_hidden = torch.empty_like(hidden) if need_hidden else None
     d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
     buffer = _reusable_buffer(chunk, vocab, hidden.dtype, acc_dtype, hidden.device)
     for start in range(0, num_tokens, chunk):
         end = min(start + chunk, num_tokens)
-        hidden_chunk, chunk_coef = hidden[start:end], coef[start:end, None]
+        hidden_chunk, chunk_targets = hidden[start:end], targets[start:end, None].long()
         shifted = _chunk_logits(hidden_chunk, weight, inv_temp, _rows(buffer, end - start), lse[start:end])
-        probs = shifted.exp_()  # [C, V] softmax, in place
-        # p - onehot: only C entries change. The per-token coef is applied to the [C, H] side of the
-        # products below rather than to the [C, V] matrix: same result, one pass over [C, V] fewer.
-        p_minus_onehot = probs.scatter_add_(
-            1, targets[start:end, None].long(), probs.new_full((end - start, 1), -1.0)
-        )
-        if need_hidden:  # (p - onehot) @ W in the input dtype (fp32 accumulation inside the matmul)
-            product = p_minus_onehot.to(hidden.dtype) @ weight  # [C, H]
-            d_hidden[start:end] = product.to(acc_dtype).mul_(-chunk_coef)
+        if not with_entropy_grad:
+            probs = shifted.exp_()  # [C, V] softmax, in place
+            # p - onehot: only C entries change. The per-token coef is applied to the [C, H] side of the
+            # products below rather than to the [C, V] matrix: same result, one pass over [C, V] fewer.
+            minus_dz = probs.scatter_add_(1, chunk_targets, probs.new_full((end - start, 1), -1.0))
+            row_scale = -coef[start:end, None]  # [C, 1]
+        else:
+            # Two per-token factors (grad_logp, grad_entropy) do not fold into one [C, H] scale: apply
+            # them on [C, V], leaving only the 1/T for the [C, H] side.
+            minus_dz = _minus_logit_grad_with_entropy(
+                shifted, chunk_targets, grad_logp[start:end], entropy[start:end], grad_entropy[start:end]
+            )
+            row_scale = -inv_temp
+        if need_hidden:  # minus_dz @ W in the input dtype (fp32 accumulation inside the matmul)
+            product = minus_dz.to(hidden.dtype) @ weight  # [C, H]
+            d_hidden[start:end] = product.to(acc_dtype).mul_(row_scale)
         if need_weight:
-            d_weight.addmm_(p_minus_onehot.T, hidden_chunk.to(acc_dtype) * -chunk_coef)
+            d_weight.addmm_(minus_dz.T, hidden_chunk.to(acc_dtype) * row_scale)
     if d_weight is not None:
         d_weight = d_weight.to(weight.dtype)
     return d_hidden, d_weight
+
+
+def _minus_logit_grad_with_entropy(
+    log_probs: Tensor, targets: Tensor, grad_logp: Tensor, entropy: Tensor, grad_entropy: Tensor
+) -> Tensor:
+    """-(d loss / d z) for one chunk, written over `log_probs` [C, V]; targets [C, 1], the other three [C]:
+
+        p * (grad_logp + grad_entropy * (log p + entropy)) - grad_logp * onehot(targets)
+
+    Example (one token, p = [0.8, 0.2], entropy = -0.8 log 0.8 - 0.2 log 0.2 = 0.5004; target 0,
+    grad_logp = 1, grad_entropy = 1): log p + entropy = [0.2773, -1.1091], so
+    p * (1 + log p + entropy) - onehot = [0.8 * 1.2773 - 1, 0.2 * -0.1091] = [0.0218, -0.0218]:
+        >>> log_p = torch.tensor([[0.8, 0.2]]).log(); one = torch.ones(1)
+        >>> _minus_logit_grad_with_entropy(log_p, torch.tensor([[0]]), one, torch.tensor([0.5004]), one)
+        tensor([[ 0.0218, -0.0218]])
+    """
+    probs = log_probs.exp()  # one temporary [C, V]: p and log p are both needed
+    # in place over log_probs: ((log p + entropy) * grad_entropy + grad_logp) * p
+    minus_dz = log_probs.add_(entropy[:, None]).mul_(grad_entropy[:, None])
+    minus_dz = minus_dz.add_(grad_logp[:, None]).mul_(probs)
+    return minus_dz.scatter_add_(1, targets, -grad_logp[:, None])

@@ -12,12 +12,14 @@ turn it into the logits gradient in registers,
 
     grad_logits[m, v] = grad_logp[m] / T * (onehot(targets[m])[v] - exp(logits[m, v] / T - lse[m])),
 
-and store it into a [C, V] buffer in the input dtype. cuBLAS then does the two big products,
-d_hidden[chunk] = grad_logits @ W and d_weight += grad_logits.T @ hidden[chunk] (only when W needs a
-gradient). Memory: C x V for one chunk, never M x V. A fully fused backward would have to accumulate
-d_hidden [BLOCK_M, H] with H = 2048 across vocabulary tiles, which does not fit in registers, or
-atomically add into it once per vocabulary tile (V / BLOCK_V ~ 1,200 times per element), so the two
-products are left to the matmul library.
+(when the entropy is differentiable, minus grad_entropy[m] / T * p[m, v] * (log p[m, v] + entropy[m]),
+with the entropy saved by the forward), and store it into a [C, V] buffer in the input dtype. cuBLAS
+then does the two big products, d_hidden[chunk] = grad_logits @ W and
+d_weight += grad_logits.T @ hidden[chunk] (only when W needs a gradient). Memory: C x V for one
+chunk, never M x V. A fully fused backward would have to accumulate d_hidden [BLOCK_M, H] with
+H = 2048 across vocabulary tiles, which does not fit in registers, or atomically add into it once per
+vocabulary tile (V / BLOCK_V ~ 1,200 times per element), so the two products are left to the matmul
+library.
 
 On CPU tensors these kernels run under Triton's interpreter, which Triton only enables when the
 environment variable TRITON_INTERPRET=1 is set before `import triton` (see `interpreter_active`).
@@ -119,6 +121,8 @@ def _logprobs_bwd_kernel(
     targets_ptr,  # [C]
     lse_ptr,  # [C] float32 log-sum-exp of logits / T, from the forward
     coef_ptr,  # [C] float32 grad_logp / T
+    entropy_ptr,  # [C] float32 entropy from the forward (read only with ENTROPY_GRAD)
+    coef_entropy_ptr,  # [C] float32 grad_entropy / T (read only with ENTROPY_GRAD)
     grad_logits_ptr,  # [C, V] output, input dtype, row stride stride_gm
     M,
     V,
@@ -130,6 +134,7 @@ def _logprobs_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ENTROPY_GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_TILES: tl.constexpr,
 ):
@@ -155,9 +160,14 @@ def _logprobs_bwd_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
     targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
-    probs = tl.exp(acc * inv_temp - lse[:, None])  # softmax rebuilt from the saved lse
+    log_probs = acc * inv_temp - lse[:, None]
+    probs = tl.exp(log_probs)  # softmax rebuilt from the saved lse
     onehot = tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
     grad_logits = (onehot - probs) * coef[:, None]
+    if ENTROPY_GRAD:  # d entropy / d z = -p (log p + entropy)
+        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+        coef_entropy = tl.load(coef_entropy_ptr + rows, mask=row_ok, other=0.0)
+        grad_logits -= probs * (log_probs + entropy[:, None]) * coef_entropy[:, None]
     out_ptrs = grad_logits_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
     tl.store(
         out_ptrs, grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :]
@@ -297,13 +307,24 @@ def triton_logprobs_backward(
     chunk_size: int | None,
     need_hidden: bool,
     need_weight: bool,
+    entropy: Tensor | None = None,
+    grad_entropy: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """d_hidden [M, H] (hidden's dtype) and d_weight [V, H] (weight's dtype), each None when not needed."""
+    """d_hidden [M, H] (hidden's dtype) and d_weight [V, H] (weight's dtype), each None when not needed.
+
+    With `grad_entropy` [M] (and the forward's `entropy` [M]) the entropy's term joins the logits gradient.
+    """
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     num_tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
     chunk = min(chunk_size or DEFAULT_BACKWARD_CHUNK, max(num_tokens, 1))
     coef = grad_logp.float() / temperature  # [M]
+    entropy_grad = grad_entropy is not None
+    if entropy_grad and entropy is None:
+        raise ValueError("triton_logprobs_backward: grad_entropy needs the entropy saved by the forward")
+    # Without the entropy term the two pointers are never read: any float32 [M] stands in for them.
+    entropy = entropy.float().contiguous() if entropy_grad else coef
+    coef_entropy = grad_entropy.float() / temperature if entropy_grad else coef
     d_hidden = torch.empty_like(hidden) if need_hidden else None
     # d_weight sums over every token: keep that running sum in float32 whatever the input dtype.
     d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
@@ -322,6 +343,8 @@ def triton_logprobs_backward(
             targets[start:end],
             lse[start:end],
             coef[start:end],
+            entropy[start:end],
+            coef_entropy[start:end],
             grad_logits,
             end - start,
             vocab,
@@ -330,6 +353,7 @@ def triton_logprobs_backward(
             weight.stride(0),
             grad_logits.stride(0),
             1.0 / temperature,
+            ENTROPY_GRAD=entropy_grad,
             **_dot_options(hidden.dtype),
             **blocks,
         )

@@ -241,6 +241,208 @@ def test_gradcheck_torch_backend_float64():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Entropy with a gradient (entropy_grad=True, for an entropy bonus in the loss)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _reference_loss_and_grads(hidden, weight, targets, temperature, logp_weight, entropy_weight):
+    """float64 plain autograd of (logp_weight * logp).sum() + (entropy_weight * entropy).sum()."""
+    hidden64 = hidden.detach().double().requires_grad_(True)
+    weight64 = weight.detach().double().requires_grad_(True)
+    ref_logp, ref_entropy = _reference(hidden64, weight64, targets, temperature)
+    loss = (logp_weight.double() * ref_logp).sum() + (entropy_weight.double() * ref_entropy).sum()
+    loss.backward()
+    return ref_logp.detach(), ref_entropy.detach(), hidden64.grad, weight64.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_gradient_hand_worked(backend):
+    """The docstring example of token_logprobs: V = 3, weight = identity, logits [0, 0, 1], T = 1.
+
+    p = [1, 1, e] / (2 + e) = [0.21194, 0.21194, 0.57612], log p = [-1.55144, -1.55144, -0.55144],
+    entropy = -sum p log p = log(2 + e) - e / (2 + e) = 0.97533,
+    d entropy / d z = -p (log p + entropy) = [0.12210, 0.12210, -0.24421] (sums to 0: a shift of every
+    logit leaves the entropy unchanged). T = 2 divides the logits and the gradient by 2:
+    logits / T = [0, 0, 0.5], and d entropy / d hidden = -p (log p + entropy) / 2 with that p.
+    """
+    _skip_unless_runnable(backend, "cpu")
+    weight, targets = torch.eye(3), torch.tensor([2])
+    for temperature, expected_entropy, expected_grad in [
+        (1.0, 0.97533, [0.12210, 0.12210, -0.24421]),
+        (2.0, None, None),
+    ]:
+        hidden = torch.tensor([[0.0, 0.0, 1.0]], requires_grad=True)
+        _, entropy = token_logprobs(
+            hidden, weight, targets, temperature, backend, return_entropy=True, entropy_grad=True
+        )
+        entropy.sum().backward()
+        z = [0.0, 0.0, 1.0 / temperature]
+        total = sum(math.exp(v) for v in z)
+        p = [math.exp(v) / total for v in z]
+        entropy_by_hand = -sum(pv * math.log(pv) for pv in p)
+        grad_by_hand = [-pv * (math.log(pv) + entropy_by_hand) / temperature for pv in p]
+        if expected_entropy is not None:  # the rounded numbers of the docstring
+            assert entropy_by_hand == pytest.approx(expected_entropy, abs=1e-5)
+            assert grad_by_hand == pytest.approx(expected_grad, abs=1e-5)
+        assert entropy.item() == pytest.approx(entropy_by_hand, abs=1e-6)
+        torch.testing.assert_close(hidden.grad, torch.tensor([grad_by_hand]), atol=1e-6, rtol=0)
+
+
+def test_minus_logit_grad_with_entropy_worked_example():
+    """The docstring example of the torch backend's helper: p = [0.8, 0.2], target 0, both upstream grads 1.
+
+    entropy = -(0.8 log 0.8 + 0.2 log 0.2) = 0.50040; log p + entropy = [0.27726, -1.10904];
+    -(d loss / d z) = p * (1 + log p + entropy) - onehot = [0.02181, -0.02181]. A uniform p instead
+    (log p = -log 2 = -entropy) leaves only the logp term: p - onehot = [-0.5, 0.5].
+    """
+    from kernels.logprobs_torch import _minus_logit_grad_with_entropy
+
+    one = torch.ones(1, dtype=torch.float64)
+    entropy = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2))
+    assert entropy == pytest.approx(0.50040, abs=1e-5)
+    log_p = torch.tensor([[0.8, 0.2]], dtype=torch.float64).log()
+    result = _minus_logit_grad_with_entropy(
+        log_p, torch.tensor([[0]]), one, torch.tensor([entropy], dtype=torch.float64), one
+    )
+    expected = [0.8 * (1 + math.log(0.8) + entropy) - 1, 0.2 * (1 + math.log(0.2) + entropy)]
+    assert expected == pytest.approx([0.02181, -0.02181], abs=1e-5)
+    torch.testing.assert_close(result, torch.tensor([expected], dtype=torch.float64), atol=1e-12, rtol=0)
+    uniform = torch.full((1, 2), -math.log(2), dtype=torch.float64)
+    result = _minus_logit_grad_with_entropy(
+        uniform, torch.tensor([[0]]), one, torch.tensor([math.log(2)], dtype=torch.float64), one
+    )
+    torch.testing.assert_close(result, torch.tensor([[-0.5, 0.5]], dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+# naive computes in float32 whatever the input; triton takes no float64: both against float64 at
+# float32 precision. torch runs in float64 end to end: agreement to rounding.
+ENTROPY_GRAD_TOL = {"naive": 1e-5, "torch": 1e-10, "triton": 1e-5}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen_W", "trained_W"])
+def test_entropy_grad_matches_float64_autograd(backend, weight_grad):
+    """Value and gradient of (w1 * logp).sum() + (w2 * entropy).sum() w.r.t. hidden and weight, T = 0.7,
+    several chunks, a few near-one-hot rows (p underflows to 0 in most columns there)."""
+    _skip_unless_runnable(backend, "cpu")
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    hidden, weight, targets, logp_weight = _make_inputs(37, 40, 300, dtype, "cpu", seed=7)
+    hidden[:3] *= 20.0
+    entropy_weight = torch.randn(37, generator=torch.Generator().manual_seed(8))
+    hidden.requires_grad_(True)
+    weight.requires_grad_(weight_grad)
+
+    logp, entropy = token_logprobs(
+        hidden, weight, targets, 0.7, backend, chunk_size=8, return_entropy=True, entropy_grad=True
+    )
+    assert entropy.grad_fn is not None and entropy.dtype == logp.dtype and entropy.shape == (37,)
+    ((logp_weight.to(logp.dtype) * logp).sum() + (entropy_weight.to(logp.dtype) * entropy).sum()).backward()
+    ref_logp, ref_entropy, ref_d_hidden, ref_d_weight = _reference_loss_and_grads(
+        hidden, weight, targets, 0.7, logp_weight, entropy_weight
+    )
+
+    tol = ENTROPY_GRAD_TOL[backend]
+    assert _rel_err(logp.detach(), ref_logp) < tol
+    assert _rel_err(entropy.detach(), ref_entropy) < tol
+    assert hidden.grad.dtype == dtype
+    assert _rel_err(hidden.grad, ref_d_hidden) < tol
+    if weight_grad:
+        assert _rel_err(weight.grad, ref_d_weight) < tol
+    else:
+        assert weight.grad is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen_W", "trained_W"])
+def test_entropy_grad_bfloat16(backend, weight_grad):
+    """16-bit inputs: the logits gradient is rounded to bf16 before the big products, as for logp alone."""
+    _skip_unless_runnable(backend, "cpu")
+    hidden, weight, targets, logp_weight = _make_inputs(37, 40, 300, torch.bfloat16, "cpu", seed=9)
+    entropy_weight = torch.randn(37, generator=torch.Generator().manual_seed(10))
+    hidden.requires_grad_(True)
+    weight.requires_grad_(weight_grad)
+    logp, entropy = token_logprobs(
+        hidden, weight, targets, 0.7, backend, chunk_size=16, return_entropy=True, entropy_grad=True
+    )
+    ((logp_weight * logp).sum() + (entropy_weight * entropy).sum()).backward()
+    _, ref_entropy, ref_d_hidden, ref_d_weight = _reference_loss_and_grads(
+        hidden, weight, targets, 0.7, logp_weight, entropy_weight
+    )
+    tol = TOL[torch.bfloat16]
+    assert (entropy.detach().double() - ref_entropy).abs().max().item() < tol["logp_atol"]
+    assert hidden.grad.dtype == torch.bfloat16
+    assert _rel_err(hidden.grad, ref_d_hidden) < tol["grad_rel"]
+    if weight_grad:
+        assert _rel_err(weight.grad, ref_d_weight) < tol["grad_rel"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_grad_with_only_one_output_in_the_loss(backend):
+    """Entropy alone in the loss (logp gets no gradient), and logp alone with entropy_grad=True (the entropy
+    gets none): each equals the reference, and the second equals the entropy_grad=False gradient."""
+    _skip_unless_runnable(backend, "cpu")
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    hidden, weight, targets, grad_out = _make_inputs(19, 40, 200, dtype, "cpu", seed=11)
+    zeros = torch.zeros(19)
+    tol = ENTROPY_GRAD_TOL[backend]
+
+    entropy_only = hidden.clone().requires_grad_(True)
+    _, entropy = token_logprobs(
+        entropy_only, weight, targets, 1.3, backend, chunk_size=5, return_entropy=True, entropy_grad=True
+    )
+    (grad_out.to(entropy.dtype) * entropy).sum().backward()
+    _, _, ref_d_hidden, _ = _reference_loss_and_grads(hidden, weight, targets, 1.3, zeros, grad_out)
+    assert _rel_err(entropy_only.grad, ref_d_hidden) < tol
+
+    logp_only = hidden.clone().requires_grad_(True)
+    logp, _ = token_logprobs(
+        logp_only, weight, targets, 1.3, backend, chunk_size=5, return_entropy=True, entropy_grad=True
+    )
+    (grad_out.to(logp.dtype) * logp).sum().backward()
+    _, _, ref_d_hidden, _ = _reference_loss_and_grads(hidden, weight, targets, 1.3, grad_out, zeros)
+    assert _rel_err(logp_only.grad, ref_d_hidden) < tol
+
+    detached = hidden.clone().requires_grad_(True)
+    logp_plain, _ = token_logprobs(detached, weight, targets, 1.3, backend, chunk_size=5, return_entropy=True)
+    (grad_out.to(logp_plain.dtype) * logp_plain).sum().backward()
+    assert _rel_err(logp_only.grad, detached.grad.double()) < tol
+
+
+def test_gradcheck_entropy_grad_torch_backend_float64():
+    """torch.autograd.gradcheck (finite differences) of both outputs, frozen and trained weight."""
+    hidden, weight, targets, _ = _make_inputs(5, 6, 11, torch.float64, "cpu", seed=12)
+    hidden.requires_grad_(True)
+
+    def both(h, w):
+        return token_logprobs(
+            h, w, targets, 0.6, "torch", chunk_size=2, return_entropy=True, entropy_grad=True
+        )
+
+    assert torch.autograd.gradcheck(lambda h: both(h, weight), (hidden,))
+    weight.requires_grad_(True)
+    assert torch.autograd.gradcheck(both, (hidden, weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_grad_off_keeps_the_entropy_detached(backend):
+    """entropy_grad=False (the default): the entropy has no graph, even under grad with hidden requiring grad;
+    entropy_grad without return_entropy is an error; under no_grad entropy_grad changes nothing."""
+    _skip_unless_runnable(backend, "cpu")
+    hidden, weight, targets, _ = _make_inputs(6, 8, 70, torch.float32, "cpu", seed=13)
+    hidden.requires_grad_(True)
+    logp, entropy = token_logprobs(hidden, weight, targets, 0.9, backend, return_entropy=True)
+    assert logp.requires_grad and not entropy.requires_grad and entropy.grad_fn is None
+    with pytest.raises(ValueError, match="entropy_grad=True needs return_entropy=True"):
+        token_logprobs(hidden, weight, targets, 0.9, backend, entropy_grad=True)
+    with torch.no_grad():
+        logp_nograd, entropy_nograd = token_logprobs(
+            hidden, weight, targets, 0.9, backend, return_entropy=True, entropy_grad=True
+        )
+    assert not logp_nograd.requires_grad and not entropy_nograd.requires_grad
+    torch.testing.assert_close(entropy_nograd, entropy, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Memory: the torch backend never allocates an [M, V] tensor (and the probe does see the naive one)
 # ----------------------------------------------------------------------------------------------------
 
@@ -284,9 +486,10 @@ def _saved_numel_besides_inputs(fn, inputs):
     return out, sum(saved)
 
 
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["logp", "logp+entropy_grad"])
 @pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen_W", "trained_W"])
 @pytest.mark.parametrize("backend", ["naive", "torch"])
-def test_torch_backend_never_holds_M_by_V(backend, weight_grad):
+def test_torch_backend_never_holds_M_by_V(backend, weight_grad, entropy_grad):
     num_tokens, hidden_size, vocab, chunk = 256, 32, 2000, 16
     hidden, weight, targets, grad_out = _make_inputs(
         num_tokens, hidden_size, vocab, torch.float32, "cpu", seed=6
@@ -294,11 +497,17 @@ def test_torch_backend_never_holds_M_by_V(backend, weight_grad):
     hidden.requires_grad_(True)
     weight.requires_grad_(weight_grad)
     full = num_tokens * vocab
-    with _LargestTensorProbe() as probe:
-        logp, saved = _saved_numel_besides_inputs(
-            lambda: token_logprobs(hidden, weight, targets, 0.9, backend, chunk_size=chunk),
-            [hidden, weight, targets],
+
+    def forward():
+        if not entropy_grad:
+            return token_logprobs(hidden, weight, targets, 0.9, backend, chunk_size=chunk)
+        logp, entropy = token_logprobs(
+            hidden, weight, targets, 0.9, backend, chunk_size=chunk, return_entropy=True, entropy_grad=True
         )
+        return logp + 0.01 * entropy  # an entropy bonus: both outputs reach the loss
+
+    with _LargestTensorProbe() as probe:
+        logp, saved = _saved_numel_besides_inputs(forward, [hidden, weight, targets])
         (logp * grad_out).sum().backward()
     if backend == "naive":  # the probe can fail: it sees the reference's [M, V] logits and saved softmax
         assert probe.largest >= full and saved >= full
@@ -306,8 +515,12 @@ def test_torch_backend_never_holds_M_by_V(backend, weight_grad):
     # Largest allocation: one [chunk, V] buffer, or d_weight [V, H] itself when W is trained.
     assert probe.largest == max(chunk * vocab, vocab * hidden_size if weight_grad else 0)
     assert probe.largest < full // 4
-    # Saved for backward: lse [M] (recompute), or d logp / d hidden [M, H] (frozen W: gradient in forward).
-    assert saved == (num_tokens if weight_grad else num_tokens * hidden_size)
+    # Saved for backward: lse [M] (recompute), or d logp / d hidden [M, H] (frozen W: gradient in forward);
+    # with entropy_grad always the recompute path, with the entropy [M] besides lse [M].
+    if entropy_grad:
+        assert saved == 2 * num_tokens
+    else:
+        assert saved == (num_tokens if weight_grad else num_tokens * hidden_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,8 +596,9 @@ def test_kernel_cases_under_cpu_interpreter_in_subprocess(tmp_path):
         ).stdout.splitlines()
         if "::" in item
     }
-    # hand-worked, 8 reference cases, fp16, entropy, no-grad
-    assert len(expected) >= 12, f"the triton cases were not collected: {sorted(expected)}"
+    # hand-worked, 8 reference cases, fp16, entropy, no-grad; entropy_grad: hand-worked, 2 float64-reference,
+    # 2 bf16, one-output, detached
+    assert len(expected) >= 19, f"the triton cases were not collected: {sorted(expected)}"
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     report = tmp_path / "triton-cases.xml"
