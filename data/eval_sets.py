@@ -40,6 +40,8 @@ def load_eval_set(name: str, config: Any, data_files: Optional[Any] = None):
         return module.load(split, data_files)
     try:
         return module.load(split)
+    except DataError:  # the loader's own one-line message already names the flag
+        raise
     except Exception as err:  # offline, a wrong hub id, no access: one line naming the way out
         first_line = str(err).splitlines()[0] if str(err) else ""
         raise DataError(

@@ -35,6 +35,7 @@ from data.common import (
     DataError,
     DataFiles,
     SkipRow,
+    load_hub,
     read_local_files,
     resolve_data_files,
     rows_to_dataset,
@@ -184,7 +185,7 @@ def load(
         raise DataError(f"health_benchmarks: eval_fraction={eval_fraction}: must be in (0, 1)")
     if data_files is None:
         names = list(SPECIALTIES if specialties is None else specialties)
-        parts = [datasets.load_dataset(REPO, name)[name] for name in names]
+        parts = [load_hub("health_benchmarks", REPO, name)[name] for name in names]
         origin = f"{REPO} ({len(names)} specialties)"
     else:
         files = _specialty_files(data_files)

@@ -31,7 +31,7 @@ from typing import Any, Optional
 import datasets
 import numpy as np
 
-from data import gsm8k, health_benchmarks, pubmedqa
+from data import custom, gsm8k, health_benchmarks, pubmedqa
 from data.common import DataError
 from data.prompts import filter_long_prompts
 
@@ -77,6 +77,14 @@ def build_eval_datasets(config: Any, tokenizer) -> dict[str, datasets.Dataset]:
     config: uses gsm8k_data_files, pubmedqa_data_files, health_benchmarks_data_files,
     pubmedqa_max_context_chars, max_prompt_length.
     """
+    if config.dataset_name:
+        if not config.dataset_test_split:
+            return {}
+        test = custom.load(config.dataset_test_split, config.dataset_name, config_name=config.dataset_config)
+        return {
+            name: _drop_long(rows, tokenizer, config.max_prompt_length, f"dataset_name ({name}, test)")
+            for name, rows in custom.split_by_db_set(test).items()
+        }
     return {
         DB_SETS[name]: _drop_long(
             load_source(name, "test", config), tokenizer, config.max_prompt_length, f"{name} (test)"
@@ -100,6 +108,8 @@ def build_train_dataset(config: Any, tokenizer) -> MixtureStream:
     config: uses dataset_mixture, seed, max_prompt_length, pubmedqa_max_context_chars and the three
     ``*_data_files``.
     """
+    if config.dataset_name:  # a user's own dataset replaces the three built-in sources (dataset_mixture unused)
+        return _custom_stream(config, tokenizer)
     probabilities = dict(zip(SOURCES, config.dataset_mixture, strict=True))
     sources: dict[str, datasets.Dataset] = {}
     for name, p in probabilities.items():
@@ -197,3 +207,19 @@ class MixtureStream:
         for row in self.rows(start, count):
             counts[row["db_set"]] = counts.get(row["db_set"], 0) + 1
         return counts
+
+
+def _custom_stream(config: Any, tokenizer) -> MixtureStream:
+    """The training stream of a user's own dataset (config.dataset_name), its test split held out."""
+
+    def load(split: str) -> datasets.Dataset:
+        return custom.load(split, config.dataset_name, config_name=config.dataset_config)
+
+    train = load(config.dataset_train_split)
+    if config.dataset_test_split:
+        eval_messages = {_user_message(p) for p in load(config.dataset_test_split)["prompt"]}
+        train = train.filter(_not_in, fn_kwargs={"messages": eval_messages}, input_columns="prompt")
+        if len(train) == 0:
+            raise DataError("dataset_name: every training row is also in dataset_test_split")
+    train = _drop_long(train, tokenizer, config.max_prompt_length, "dataset_name (train)")
+    return MixtureStream({"custom": train}, {"custom": 1.0}, seed=config.seed)

@@ -28,6 +28,7 @@ from data.common import (
     DataError,
     DataFiles,
     SkipRow,
+    load_hub,
     read_local_files,
     resolve_data_files,
     rows_to_dataset,
@@ -78,7 +79,7 @@ def load(
     if not subjects or any(not isinstance(s, str) or not s for s in subjects):
         raise DataError(f"mmlu_medical: subjects={list(subjects)!r}: must be non-empty subject names")
     if data_files is None:
-        parts = [datasets.load_dataset(REPO, subject, split=split) for subject in subjects]
+        parts = [load_hub("mmlu_medical", REPO, subject, split) for subject in subjects]
         raw = itertools.chain.from_iterable(parts)
         origin = f"{REPO} ({', '.join(subjects)}; split {split})"
     else:

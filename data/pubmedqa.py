@@ -30,6 +30,7 @@ from data.common import (
     DataFiles,
     SkipRow,
     is_nonempty_str,
+    load_hub,
     read_local_files,
     resolve_data_files,
     rows_to_dataset,
@@ -115,7 +116,7 @@ def load(
     ids = official_test_pubids() if test_pubids is None else frozenset(int(p) for p in test_pubids)
     config = CONFIGS[split]
     if data_files is None:
-        raw = datasets.load_dataset(REPO, config, split="train")  # each config has only a train split
+        raw = load_hub("pubmedqa", REPO, config, split="train")  # each config has only a train split
         origin = f"{REPO} ({config})"
     else:
         files = resolve_data_files(data_files, split, source="pubmedqa")

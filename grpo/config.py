@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -31,6 +29,11 @@ REWARD_FUNC_NAMES = (
     "int_reward_func",
     "correctness_reward_func",
 )
+# The names grpo/loss.py knows (kept here so that validating a config imports no torch; a test checks they agree).
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "gmpo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+OVERLONG_REWARD = "soft_overlong_punishment"  # DAPO's length penalty (rewards/length.py), optional
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -82,6 +85,17 @@ class GRPOConfig:
     health_benchmarks_data_files: Optional[str] = setting(
         None, "Local file(s) in the yesilhealth/Health_Benchmarks schema instead of the hub."
     )
+    dataset_name: Optional[str] = setting(
+        None,
+        "Your own dataset instead of the three built-in sources: local .json/.jsonl/.parquet/.csv file(s) ({split} "
+        "in the path is replaced by the split) or a hub id, with a 'prompt' column (a string or a list of "
+        "{role, content} messages), an 'answer' column and an optional 'db_set' (data/custom.py).",
+    )
+    dataset_config: Optional[str] = setting(None, "Config name of the hub dataset dataset_name.")
+    dataset_train_split: str = setting("train", "Split of dataset_name to train on.")
+    dataset_test_split: Optional[str] = setting(
+        None, "Split of dataset_name held out for eval_steps and evaluate.py (None = none)."
+    )
     pubmedqa_max_context_chars: int = setting(
         1024, "Training PubMedQA rows whose joined context is longer than this are dropped."
     )
@@ -103,30 +117,134 @@ class GRPOConfig:
     vllm_max_model_len: Optional[int] = setting(
         None, "vLLM max_model_len (None = max_prompt_length + max_completion_length)."
     )
-    # ----------------------------------------------------------------- GRPO
+    # ----------------------------------------------------------------- GRPO (TRL 1.16's names and semantics)
     beta: float = setting(0.04, "KL penalty coefficient (0 = no reference model pass).")
     epsilon: float = setting(0.2, "Lower clip range: ratio is clipped below 1 - epsilon.")
-    epsilon_high: Optional[float] = setting(None, "Upper clip range (None = epsilon); DAPO uses 0.28.")
+    epsilon_high: Optional[float] = setting(
+        None, "Upper clip range (None = epsilon); DAPO uses 0.28. For cispo: the cap of the IS weight."
+    )
+    delta: Optional[float] = setting(
+        None, "INTELLECT-2's two-sided clipping: the unclipped ratio is capped at delta (None = off; > 1)."
+    )
+    clip_ratio_c: Optional[float] = setting(
+        None,
+        "verl's dual-clip PPO: lower bound -c * A on the loss of negative-advantage tokens (None = off; > 1).",
+    )
     loss_type: str = setting(
         "grpo",
-        "Aggregation: grpo (mean of per-sequence token means), dapo (token mean over the batch), "
-        "dr_grpo (token sum / (N * max_completion_length)).",
-        choices=["grpo", "dapo", "dr_grpo"],
+        "Objective and aggregation (docs/OBJECTIVES.md): grpo (mean of per-sequence token means), bnpo, dapo "
+        "(token mean over the batch), dr_grpo (token sum / (N * max_completion_length)), cispo, sapo, luspo, "
+        "vespo (TRL 1.16), gmpo (verl's geometric mean).",
+        choices=list(LOSS_TYPES),
     )
+    importance_sampling_level: str = setting(
+        "token",
+        "token: one ratio per token; sequence (GSPO): the mean log-ratio over each sequence, one ratio per sequence.",
+        choices=["token", "sequence"],
+    )
+    sapo_temperature_pos: float = setting(1.0, "sapo: temperature of the soft gate for positive advantages.")
+    sapo_temperature_neg: float = setting(1.05, "sapo: temperature of the soft gate for negative advantages.")
+    vespo_k_pos: float = setting(2.0, "vespo: shape k of the gamma weight for advantages >= 0.")
+    vespo_lambda_pos: float = setting(3.0, "vespo: rate lambda of the gamma weight for advantages >= 0.")
+    vespo_k_neg: float = setting(3.0, "vespo: shape k of the gamma weight for advantages < 0.")
+    vespo_lambda_neg: float = setting(2.0, "vespo: rate lambda of the gamma weight for advantages < 0.")
     scale_rewards: str = setting(
         "group",
-        "Advantage scale: group std, batch std, or none (Dr. GRPO).",
+        "Advantage scale: group std, batch std (of the whole batch of all processes), or none (Dr. GRPO).",
         choices=["group", "batch", "none"],
     )
-    num_iterations: int = setting(
-        1, "mu: policy updates per batch of samples (old log-probs are kept when > 1)."
+    multi_objective_aggregation: str = setting(
+        "sum_then_normalize",
+        "sum_then_normalize: weighted sum of the rewards, then group-normalised; normalize_then_sum (GDPO): "
+        "each reward normalised in its group, weighted sum, then normalised over the batch.",
+        choices=["sum_then_normalize", "normalize_then_sum"],
     )
-    kl_estimator: str = setting("k3", "KL estimator of the penalty.", choices=["k1", "k2", "k3"])
+    num_iterations: int = setting(
+        1, "mu: passes of policy updates over each rollout (old log-probs are kept when > 1)."
+    )
+    steps_per_generation: Optional[int] = setting(
+        None,
+        "Micro-steps per rollout (TRL): one rollout of per_device_train_batch_size x steps_per_generation prompts "
+        "per process feeds steps_per_generation / gradient_accumulation_steps optimiser steps. "
+        "None = gradient_accumulation_steps (one optimiser step per rollout).",
+    )
+    kl_estimator: str = setting("k3", "KL estimator of the penalty.", choices=list(KL_ESTIMATORS))
+    use_bias_correction_kl: bool = setting(
+        False,
+        "Multiply the KL term by the importance ratio (gradient kept; TRL's semantics). TRL 1.16 defaults to "
+        "true; the recipe (and TRL before 1.x) uses false.",
+    )
+    top_entropy_quantile: float = setting(
+        1.0,
+        "Keep only this share of the tokens, those of highest entropy, in the policy term ('Beyond the 80/20 "
+        "rule'); the quantile is over the whole batch of all processes (1.0 = every token).",
+    )
+    entropy_coef: float = setting(
+        0.0, "Entropy bonus: loss -= entropy_coef * mean token entropy (the initial value when adaptive)."
+    )
+    use_adaptive_entropy: bool = setting(
+        False,
+        "TRL's adaptive entropy control: entropy_coef += entropy_coef_delta while the entropy is below "
+        "entropy_target, -= otherwise, within [entropy_coef_min, entropy_coef_max]; applied only below the target.",
+    )
+    entropy_coef_min: float = setting(0.0, "Adaptive entropy control: lowest entropy_coef.")
+    entropy_coef_max: float = setting(1.0, "Adaptive entropy control: highest entropy_coef.")
+    entropy_coef_delta: float = setting(
+        0.005, "Adaptive entropy control: step of entropy_coef per optimiser step."
+    )
+    entropy_target: float = setting(0.2, "Adaptive entropy control: the target mean token entropy (nats).")
+    off_policy_mask_threshold: Optional[float] = setting(
+        None,
+        "DeepSeek-V3.2's off-policy sequence mask: leave out sequences with a negative advantage whose mean "
+        "KL(sampler || policy) per token exceeds this (None = off).",
+    )
     mask_truncated_completions: bool = setting(
         False, "Leave completions cut at max_completion_length out of the loss."
     )
-    reward_funcs: list[str] = setting(list(REWARD_FUNC_NAMES), "Reward functions (names in rewards/).")
+    dynamic_sampling: bool = setting(
+        False,
+        "DAPO's dynamic sampling (verl filter_groups): drop groups whose rewards all agree and keep sampling "
+        "prompts until the batch is full of informative groups (at most max_sampling_rounds rounds).",
+    )
+    max_sampling_rounds: int = setting(
+        10,
+        "dynamic_sampling: rounds of sampling per rollout before training on what there is (verl's default).",
+    )
+    reward_funcs: list[str] = setting(
+        list(REWARD_FUNC_NAMES),
+        "Reward functions: names in rewards/ (the five of the recipe, soft_overlong_punishment) or a user's own "
+        "as an import path 'package.module:function'.",
+    )
     reward_weights: Optional[list[float]] = setting(None, "One weight per reward function (None = 1.0 each).")
+    soft_punish_cache: int = setting(
+        256,
+        "soft_overlong_punishment: the penalty starts this many tokens before max_completion_length (DAPO).",
+    )
+    vllm_importance_sampling_correction: bool = setting(
+        True,
+        "With the vLLM sampler, weight each token's policy term by pi_trainer / pi_sampler of the sampled "
+        "tokens (TRL's truncated / masked importance sampling).",
+    )
+    vllm_importance_sampling_mode: str = setting(
+        "sequence_mask",
+        "token_truncate, token_mask (per-token weights), sequence_truncate, sequence_mask (one weight per "
+        "sequence): *_truncate clamps to [clip_min, clip_max], *_mask zeroes the weights outside.",
+        choices=list(SAMPLER_IS_MODES),
+    )
+    vllm_importance_sampling_clip_min: Optional[float] = setting(
+        None, "Lower bound of the IS weights (None = 0)."
+    )
+    vllm_importance_sampling_clip_max: Optional[float] = setting(
+        3.0, "Upper bound of the IS weights (None = none)."
+    )
+    vllm_importance_sampling_cap: Optional[float] = setting(
+        None, "Deprecated name (TRL) of vllm_importance_sampling_clip_max; when set it replaces it."
+    )
+    share_prompt_forward: bool = setting(
+        True,
+        "Run each prompt once per group in the log-prob passes (models/packing.py: [prompt | c1 | ... | cG] "
+        "with a block attention mask); false = one row per completion. Same numbers either way.",
+    )
     logprob_backend: str = setting(
         "auto",
         "token_logprobs backend: auto (triton on CUDA, chunked torch elsewhere), torch, triton, naive.",
@@ -165,142 +283,75 @@ class GRPOConfig:
     output_dir: str = setting(
         "outputs/qwen2.5-3b-medical", "Where checkpoints, metrics.jsonl and the plot go."
     )
-    logging_steps: int = setting(1, "Print a sample completion every this many steps.")
+    overwrite_output_dir: bool = setting(
+        False,
+        "Start a fresh run in an output_dir that holds another run's checkpoints / metrics (deleting them).",
+    )
+    logging_steps: int = setting(
+        1, "Log metrics (console line, report_to sinks) every this many steps; metrics.jsonl gets every step."
+    )
+    log_completions: bool = setting(
+        False, "Print sampled completions (with gold answer and reward) when logging."
+    )
+    num_completions_to_print: Optional[int] = setting(
+        None, "How many completions log_completions prints (None = 1)."
+    )
     save_steps: int = setting(100, "Write a checkpoint every this many steps.")
+    save_total_limit: Optional[int] = setting(
+        None, "Keep at most this many checkpoints, deleting the oldest (None = all)."
+    )
     eval_steps: int = setting(0, "Score a small fixed evaluation subset every this many steps (0 = off).")
     eval_size: int = setting(16, "Prompts per evaluation source in the eval_steps subset.")
-    report_to: str = setting("none", "Extra metric sink.", choices=["none", "tensorboard"])
+    report_to: str = setting(
+        "none",
+        "Extra metric sink: tensorboard, wandb or trackio (the last two when installed).",
+        choices=["none", "tensorboard", "wandb", "trackio"],
+    )
     resume_from_checkpoint: Optional[str] = setting(
-        None, "A checkpoint folder, or 'latest' for the newest in output_dir."
+        None, "A checkpoint folder, or 'latest' for the newest intact one in output_dir."
     )
 
     def __post_init__(self) -> None:
+        from grpo.validation import validate  # the rules live next door (grpo/validation.py)
+
         validate(self)
 
     @property
     def effective_epsilon_high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
+    @property
+    def effective_clip_max(self) -> Optional[float]:
+        """vllm_importance_sampling_clip_max, or the deprecated vllm_importance_sampling_cap when set."""
+        return self.vllm_importance_sampling_cap or self.vllm_importance_sampling_clip_max
+
+    def loss_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``grpo.loss.policy_loss`` that this config chooses (docs/OBJECTIVES.md)."""
+        return dict(
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            eps_low=self.epsilon,
+            eps_high=self.effective_epsilon_high,
+            delta=self.delta,
+            clip_ratio_c=self.clip_ratio_c,
+            beta=self.beta,
+            kl_estimator=self.kl_estimator,
+            max_completion_length=self.max_completion_length,
+            sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos,
+            vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg,
+            bias_correction_kl=self.use_bias_correction_kl,
+        )
+
+    @property
+    def effective_steps_per_generation(self) -> int:
+        return self.steps_per_generation or self.gradient_accumulation_steps
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------------------- validation
-
-
-def _check_type(name: str, value: Any, annotation: Any) -> None:
-    """Reject a value whose Python type does not match the field annotation (YAML can hold anything)."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(name, value, inner)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}={value!r}: expected a list")
-        for item in value:
-            _check_type(name, item, args[0])
-        return
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-    }[annotation](value)
-    if not ok:
-        raise ConfigError(f"{name}={value!r}: expected {annotation.__name__}")
-
-
-def validate(cfg: GRPOConfig) -> None:
-    """Raise ConfigError naming the first invalid field or combination of fields."""
-    # get_type_hints, not field.type: HfArgumentParser rewrites field.type in place.
-    hints = typing.get_type_hints(GRPOConfig)
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        _check_type(f.name, value, hints[f.name])
-        choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            raise ConfigError(f"{f.name}={value!r}: must be one of {', '.join(map(str, choices))}")
-        if isinstance(value, float) and value != value:
-            raise ConfigError(f"{f.name}={value!r}: must be a number, not NaN")
-
-    def need(condition: bool, name: str, rule: str) -> None:
-        if not condition:
-            raise ConfigError(f"{name}={getattr(cfg, name)!r}: {rule}")
-
-    need(
-        cfg.num_generations >= 2, "num_generations", "must be >= 2 (a group needs two completions to compare)"
-    )
-    for name in (
-        "max_prompt_length",
-        "max_completion_length",
-        "max_steps",
-        "save_steps",
-        "logging_steps",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "num_iterations",
-        "lora_r",
-        "lora_alpha",
-        "pubmedqa_max_context_chars",
-        "max_nonfinite_updates",
-        "eval_size",
-    ):
-        need(getattr(cfg, name) > 0, name, "must be > 0")
-    need(cfg.eval_steps >= 0, "eval_steps", "must be >= 0 (0 = off)")
-    need(cfg.learning_rate > 0, "learning_rate", "must be > 0")
-    need(cfg.epsilon >= 0, "epsilon", "must be >= 0")
-    need(
-        cfg.epsilon_high is None or cfg.epsilon_high >= 0, "epsilon_high", "must be >= 0 (or null = epsilon)"
-    )
-    need(cfg.beta >= 0, "beta", "must be >= 0")
-    need(cfg.temperature > 0, "temperature", "must be > 0")
-    need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
-    need(cfg.top_k >= 0, "top_k", "must be >= 0 (0 = off)")
-    need(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-    need(0 <= cfg.warmup_ratio <= 1, "warmup_ratio", "must be in [0, 1]")
-    need(0 <= cfg.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
-    need(0 <= cfg.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
-    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
-    need(cfg.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 = no clipping)")
-    need(0 < cfg.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
-    need(bool(cfg.model_name_or_path), "model_name_or_path", "must not be empty")
-    need(bool(cfg.output_dir), "output_dir", "must not be empty")
-    need(bool(cfg.lora_target_modules), "lora_target_modules", "must name at least one module")
-    need(
-        len(cfg.dataset_mixture) == 3,
-        "dataset_mixture",
-        "needs 3 probabilities (pubmedqa, gsm8k, health_benchmarks)",
-    )
-    need(
-        all(p >= 0 for p in cfg.dataset_mixture) and sum(cfg.dataset_mixture) > 0,
-        "dataset_mixture",
-        "probabilities must be >= 0 and not all zero",
-    )
-    need(bool(cfg.reward_funcs), "reward_funcs", "must name at least one reward function")
-    unknown = [n for n in cfg.reward_funcs if n not in REWARD_FUNC_NAMES]
-    need(not unknown, "reward_funcs", f"unknown {unknown}; known: {', '.join(REWARD_FUNC_NAMES)}")
-    if cfg.reward_weights is not None:
-        need(
-            len(cfg.reward_weights) == len(cfg.reward_funcs),
-            "reward_weights",
-            f"needs one weight per reward function ({len(cfg.reward_funcs)})",
-        )
-    completions = cfg.per_device_train_batch_size * cfg.num_generations
-    if cfg.train_micro_batch_size is not None:
-        need(
-            cfg.train_micro_batch_size > 0 and completions % cfg.train_micro_batch_size == 0,
-            "train_micro_batch_size",
-            f"must divide per_device_train_batch_size * num_generations = {completions}",
-        )
-    if cfg.vllm_max_model_len is not None:
-        need(
-            cfg.vllm_max_model_len >= cfg.max_prompt_length + cfg.max_completion_length,
-            "vllm_max_model_len",
-            "must be >= max_prompt_length + max_completion_length",
-        )
 
 
 # ---------------------------------------------------------------------------- loading

@@ -1,3 +1,3 @@
-"""Re-export: the fused log-prob kernels live in the leaf package ``kernels`` (kernels/logprobs.py)."""
+"""Re-export: the fused log-prob kernels live in the leaf package ``kernels`` (logprob_kernels/logprobs.py)."""
 
-from kernels.logprobs import BACKENDS, token_entropy, token_logprobs  # noqa: F401
+from logprob_kernels.logprobs import BACKENDS, token_entropy, token_logprobs  # noqa: F401

@@ -1,57 +1,232 @@
-"""Rollouts: a batch of prompts -> G completions each from the sampler, padded into the trainer's tensors.
+"""Rollouts: prompts -> G completions each from the sampler -> rewards, for the whole batch of every process.
 
-The second arrow of GRPO's step (DeepSeekMath, Algorithm 1). Everything here is about data; the model only
-appears behind the sampler (``models/samplers.py``).
+The first three arrows of GRPO's step (DeepSeekMath, Algorithm 1). Every process samples its share of the
+prompts, scores them, and then all processes exchange their groups (token ids, log-probs, rewards: small), so
+that each one holds the whole rollout. That makes every batch statistic (the batch std of ``scale_rewards:
+batch``, GDPO's normalisation, DAPO's dynamic sampling, the logged metrics) the whole batch's, and lets each
+process take exactly the groups that the same step would give it on one process: the number of processes
+changes who computes what, never the math.
+
+The model only appears behind the sampler (``models/samplers.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from models.samplers import Completion, Sampler
+from grpo.advantages import informative_groups
+from grpo.metrics import length_metrics, reward_metrics
+from models.samplers import Completion, Sampler, derive_seed
+from rewards import combine_rewards
 
 
 @dataclass
-class Rollout:
-    """G completions for each of P prompts, N = P * G, groups contiguous.
+class Group:
+    """One prompt and its G sampled, scored completions.
 
-    rows: the P dataset rows (``prompt``, ``answer``, ``db_set``, ...).
-    completions: the N sampled completions (token ids, text, truncated, sampler log-probs).
-    batch: tensors from ``collate``: input_ids / attention_mask [N, Lp + T]
-      (rows are [left-padded prompt | right-padded completion]), completion_mask [N, T],
-      completion_lengths [N], truncated [N], sampler_logp [N, T].
-    columns: every dataset column (but ``prompt``) repeated G times: what reward functions get.
+    position: the prompt's position in the training stream (its seed is ``derive_seed(seed, position)``).
+    row: the dataset row (``prompt``, ``answer``, ``db_set``, ...). prompt_ids: its token ids (chat template
+    applied). completions: G completions. rewards_per_func: [G, K] unweighted rewards of the K functions.
     """
 
-    rows: list[dict]
+    position: int
+    row: dict
+    prompt_ids: list[int]
     completions: list[Completion]
-    batch: dict[str, torch.Tensor]
-    columns: dict[str, list]
-
-    @property
-    def texts(self) -> list[str]:
-        return [c.text for c in self.completions]
+    rewards_per_func: torch.Tensor
 
 
-def generate_rollout(
-    sampler: Sampler, rows: list[dict], group_size: int, seeds: Sequence[int], pad_id: int
-) -> Rollout:
-    """Sample ``group_size`` completions per row with the current policy and collate them.
+def generate_groups(
+    sampler: Sampler, rows: list[dict], positions: Sequence[int], group_size: int, seed: int
+) -> list[tuple[list[int], list[Completion]]]:
+    """G completions for each row, from the current policy: ``[(prompt_ids, completions)]`` per row.
 
-    The chat template is applied here, once. seeds: one per row; the same seed draws the same completions
-    whatever else is in the batch, which is what makes a resumed run repeat the same samples and the
-    number of processes irrelevant.
+    Each prompt is seeded by its position in the stream, so its completions are the same whatever else is in
+    the batch: on one process or many, in a resumed run or the uninterrupted one.
     """
-    prompt_ids = sampler.encode([row["prompt"] for row in rows])
+    prompt_ids = sampler.encode([row["prompt"] for row in rows])  # the chat template, applied once, here
+    seeds = [derive_seed(seed, position) for position in positions]
     completions = sampler.generate(prompt_ids, group_size, seeds)
-    batch = collate(prompt_ids, completions, pad_id)
+    return [(ids, completions[i * group_size : (i + 1) * group_size]) for i, ids in enumerate(prompt_ids)]
+
+
+def score_groups(
+    rows: list[dict],
+    generated: list[tuple[list[int], list[Completion]]],
+    reward_funcs: Sequence[str],
+    **reward_kwargs: Any,
+) -> list[torch.Tensor]:
+    """The unweighted rewards [G, K] of each group's completions under the K reward functions.
+
+    Reward functions get the completions' texts, the dataset columns (``answer``, ``db_set``, ...), and, in
+    TRL's convention, ``prompts`` and ``completion_ids``; ``reward_kwargs`` too (e.g. max_completion_length).
+    """
+    group_size = len(generated[0][1])
+    completions = [c for _, group in generated for c in group]
     columns = {
         key: [row[key] for row in rows for _ in range(group_size)] for key in rows[0] if key != "prompt"
     }
-    return Rollout(rows=rows, completions=completions, batch=batch, columns=columns)
+    _, per_func = combine_rewards(
+        [c.text for c in completions],
+        columns,
+        reward_funcs,
+        prompts=[row["prompt"] for row in rows for _ in range(group_size)],
+        completion_ids=[c.token_ids for c in completions],
+        **reward_kwargs,
+    )
+    table = torch.stack(list(per_func.values()), dim=1)  # [N, K]
+    return list(table.split(group_size))
+
+
+def process_share(positions: Sequence[int], rank: int, world: int) -> list[int]:
+    """The positions one process samples: a contiguous 1/world of them (all of them on one process).
+
+    Example: positions 0..5, rank 1 of 2 -> [3, 4, 5].
+    """
+    per_process = -(-len(positions) // world)
+    return list(positions[rank * per_process : (rank + 1) * per_process])
+
+
+def all_groups(accelerator: Any, groups: list[Group]) -> list[Group]:
+    """Every process's groups, in stream order, on every process (one all-gather of small objects)."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        groups = gather_object(groups)
+    return sorted(groups, key=lambda g: g.position)
+
+
+def keep_informative(groups: list[Group], weights: torch.Tensor) -> tuple[list[Group], list[Group]]:
+    """(groups whose weighted rewards differ, groups whose rewards all agree): DAPO's dynamic-sampling filter.
+
+    A group whose G rewards are equal has zero advantage and no policy gradient (verl ``filter_groups``).
+    """
+    if not groups:
+        return [], []
+    totals = torch.cat([g.rewards_per_func @ weights for g in groups])
+    keep = informative_groups(totals, len(groups[0].completions)).tolist()
+    return [g for g, k in zip(groups, keep, strict=True) if k], [
+        g for g, k in zip(groups, keep, strict=True) if not k
+    ]
+
+
+def sample_rollout(
+    sampler: Sampler, train_data: Any, cfg: Any, accelerator: Any, position: int
+) -> tuple[list[Group], int, dict[str, float]]:
+    """The rollout's groups (all processes', in stream order), the next stream position, and the
+    dynamic-sampling metrics. The rollout starts at ``position`` of the training stream ``train_data``.
+
+    Without dynamic sampling: one round of ``rollout_prompts`` prompts. With it (DAPO), rounds of that many
+    prompts until as many groups carry a signal (their rewards differ), at most ``max_sampling_rounds``;
+    then the first informative groups, topped up with uninformative ones if the rounds ran out.
+    """
+    needed = rollout_prompts(cfg, accelerator.num_processes)
+    informative: list[Group] = []
+    uninformative: list[Group] = []
+    rounds = 0
+    while rounds < cfg.max_sampling_rounds and len(informative) < needed:
+        rounds += 1
+        positions = range(position, position + needed)
+        position += needed
+        mine = process_share(positions, accelerator.process_index, accelerator.num_processes)
+        local = []
+        if mine:
+            rows = train_data.rows(mine[0], len(mine))
+            generated = generate_groups(sampler, rows, mine, cfg.num_generations, cfg.seed)
+            rewards = score_groups(
+                rows,
+                generated,
+                cfg.reward_funcs,
+                max_completion_length=cfg.max_completion_length,
+                soft_punish_cache=cfg.soft_punish_cache,
+            )
+            for at, row, (ids, completions), table in zip(mine, rows, generated, rewards, strict=True):
+                local.append(Group(at, row, ids, completions, table))
+        groups = all_groups(accelerator, local)
+        if not cfg.dynamic_sampling:
+            return groups, position, {}
+        kept, dropped = keep_informative(groups, reward_weights(cfg))
+        informative += kept
+        uninformative += dropped
+    metrics = {
+        "sampling/rounds": float(rounds),
+        "sampling/informative_groups": float(min(len(informative), needed)),
+        "sampling/filler_groups": float(max(needed - len(informative), 0)),
+    }
+    return (informative + uninformative)[:needed], position, metrics
+
+
+def rollout_prompts(cfg: Any, num_processes: int) -> int:
+    """Prompts per rollout, all processes: per_device_train_batch_size x steps_per_generation x processes."""
+    return cfg.per_device_train_batch_size * cfg.effective_steps_per_generation * num_processes
+
+
+def optimizer_steps_per_rollout(cfg: Any) -> int:
+    """steps_per_generation / gradient_accumulation_steps: optimiser steps fed by one rollout."""
+    return cfg.effective_steps_per_generation // cfg.gradient_accumulation_steps
+
+
+def reward_weights(cfg: Any) -> torch.Tensor:
+    """[K] the weight of each reward function (reward_weights, 1.0 each when None)."""
+    return torch.tensor(cfg.reward_weights or [1.0] * len(cfg.reward_funcs), dtype=torch.float32)
+
+
+def step_batch(
+    groups: list[Group], advantages: torch.Tensor, k: int, cfg: Any, accelerator: Any, pad_id: int
+) -> dict[str, Any]:
+    """This process's part of optimiser step k of the rollout, as padded tensors on its device.
+
+    Step k trains on the rollout's groups [k * B, (k + 1) * B), B = per_device_train_batch_size x
+    gradient_accumulation_steps x processes, of which process r takes the r-th B / processes: exactly the rows
+    one process would take, whatever the number of processes. Also: the advantages [n], loss_mask [n, T], the
+    whole step's counts (the loss's normalisers), its sample metrics (over all processes' groups) and
+    ``tokens_seen`` (its prompt + completion tokens, TRL's num_tokens).
+    """
+    G = cfg.num_generations
+    per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    per_step = per_process * accelerator.num_processes
+    step_groups = groups[k * per_step : (k + 1) * per_step]
+    first = k * per_step + accelerator.process_index * per_process
+    mine = groups[first : first + per_process]
+    batch: dict[str, Any] = {
+        key: value.to(accelerator.device) for key, value in collate_groups(mine, pad_id).items()
+    }
+    batch["advantages"] = advantages[first * G : (first + per_process) * G].to(accelerator.device)
+    batch["loss_mask"] = batch["completion_mask"]
+    if cfg.mask_truncated_completions:  # a cut-off completion has no honest reward: leave it out
+        batch["loss_mask"] = batch["loss_mask"] * (~batch["truncated"]).float()[:, None]
+    completions = [c for g in step_groups for c in g.completions]
+    kept = [c for c in completions if not (cfg.mask_truncated_completions and c.truncated)]
+    batch["num_tokens"] = float(sum(len(c.token_ids) for c in kept))  # the whole step's, all processes
+    batch["num_sequences"] = float(len(completions))
+    rewards_per_func = torch.cat([g.rewards_per_func for g in step_groups])
+    names = [name_of(spec) for spec in cfg.reward_funcs]
+    # TRL counts each completion's prompt: G copies of the prompt per group
+    prompt_tokens = sum(len(g.prompt_ids) * G for g in step_groups)
+    batch["tokens_seen"] = prompt_tokens + sum(len(c.token_ids) for c in completions)
+    batch["metrics"] = {
+        "num_completions": len(completions),
+        **reward_metrics(
+            rewards_per_func @ reward_weights(cfg),
+            {name: rewards_per_func[:, i] for i, name in enumerate(names)},
+            [g.row["db_set"] for g in step_groups for _ in range(G)],
+            G,
+        ),
+        **length_metrics(
+            torch.tensor([len(c.token_ids) for c in completions]),
+            torch.tensor([c.truncated for c in completions]),
+        ),
+    }
+    return batch
+
+
+def name_of(spec: str) -> str:
+    """A reward function's name in the metrics: the spec as written (``rewards/<name>/mean``)."""
+    return spec
 
 
 def collate(
@@ -104,3 +279,13 @@ def collate(
         "completion_lengths": lengths,
         "truncated": torch.tensor([o.truncated for o in outputs], dtype=torch.bool),
     }
+
+
+def collate_groups(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:
+    """``collate`` of the completions of some groups, in order: N = len(groups) * G rows."""
+    outputs = [
+        Completion(p, c.token_ids, c.text, c.truncated, c.logprobs)
+        for p, group in enumerate(groups)
+        for c in group.completions
+    ]
+    return collate([g.prompt_ids for g in groups], outputs, pad_id)

@@ -17,14 +17,17 @@ Where this departs from DeepSeekMath's Algorithm 1:
    (``models.policy.reference_model``), i.e. the base model, which costs no memory. It never moves
    (Algorithm 1 resets it to the policy every outer iteration; we run one outer iteration).
 2. Only a rank-r LoRA adapter is trained, on a 4-bit NF4 base (QLoRA), with bitsandbytes' 8-bit AdamW.
-3. The sampler may be another engine: vLLM holds the base in 16 bit while the trainer holds NF4, so its
-   samples are slightly off-policy (``mismatch/*`` measures how much).
+3. The sampler may be another engine: vLLM gets the trainer's NF4 base dequantised, but its kernels differ,
+   so its samples are slightly off-policy; TRL's importance-sampling correction weighs that (``sampling/*``).
 4. With ``mask_truncated_completions`` a completion cut at ``max_completion_length`` is left out of the
    loss (DAPO): its reward says nothing about a finished answer.
-5. The per-token KL uses Schulman's k3 estimator by default, as GRPO does, but k1 and k2 are selectable;
-   ``loss_type`` changes how token losses are averaged (``grpo`` is the paper's per-sequence mean).
-6. Gradients are clipped at ``max_grad_norm`` and a non-finite update is skipped (counted, and a few in
-   a row stop the run with a checkpoint).
+5. The per-token KL uses Schulman's k3 estimator by default, as GRPO does; ``loss_type`` and the options of
+   docs/OBJECTIVES.md swap in the objectives that came after it (DAPO, Dr. GRPO, GSPO, CISPO, ...).
+6. A rollout may feed several optimiser steps (``steps_per_generation``), as Algorithm 1's mu passes do.
+7. Gradients are clipped at ``max_grad_norm``; a non-finite gradient or weight skips the update (counted,
+   and a few in a row stop the run with a checkpoint).
+8. Every statistic is the whole batch's, over all processes, and each completion is seeded by its prompt's
+   position: one process or eight train on the same rows, draw the same samples and end with the same adapter.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import contextlib
 import io
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,22 +43,49 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from grpo.advantages import group_advantages
+from grpo.advantages import multi_objective_advantages
 from grpo.checkpoint import (
+    check_output_dir,
+    check_resume_config,
     load_checkpoint,
+    read_trainer_state,
     remove_incomplete_checkpoints,
     resolve_checkpoint,
+    rotate_checkpoints,
     save_checkpoint,
 )
 from grpo.config import GRPOConfig
 from grpo.evaluation import eval_subset, evaluate_rows
-from grpo.loss import policy_loss
-from grpo.metrics import MetricsLogger, length_metrics, plot_metrics, reward_metrics, sampler_mismatch
-from grpo.rollout import Rollout, generate_rollout
-from models.forward import completion_logprobs
+from grpo.loss import (
+    adaptive_entropy_coef,
+    entropy_bonus_applies,
+    entropy_threshold,
+    high_entropy_mask,
+    off_policy_sequence_mask,
+    policy_loss,
+    sampler_importance_weights,
+)
+from grpo.metrics import (
+    MetricsLogger,
+    PhaseTimer,
+    add_metric_sums,
+    format_sample,
+    gather_flat,
+    group_sample,
+    metric_means,
+    plot_metrics,
+    reduce_sum,
+    sampler_metrics,
+)
+from grpo.rollout import (
+    optimizer_steps_per_rollout,
+    reward_weights,
+    sample_rollout,
+    step_batch,
+)
+from grpo.signals import agreed_stop, stop_requests
+from models.forward import batch_logprobs, micro_batches, no_grad_logprobs, trim
 from models.policy import reference_model
-from models.samplers import derive_seed
-from rewards import combine_rewards
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -71,14 +100,21 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. several non-finite updates in a row); a checkpoint was written."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM: the run stopped between two rollouts, after a checkpoint and the plot."""
+
+
 @dataclass
 class TrainerState:
     """Everything besides weights and optimiser that an exact resume needs."""
 
     step: int = 0  # optimiser steps done
-    data_position: int = 0  # next row of the training stream
+    data_position: int = 0  # next prompt of the training stream
     skipped_updates: int = 0  # non-finite updates skipped so far
     nonfinite_streak: int = 0  # ... in a row
+    num_tokens: int = 0  # prompt + completion tokens trained on so far (TRL's num_tokens)
+    entropy_coef: float = 0.0  # the entropy bonus coefficient (moves with use_adaptive_entropy)
+    last_entropy: float = math.inf  # the last step's mean token entropy (adaptive entropy control)
 
 
 @dataclass
@@ -94,154 +130,106 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_data: MixtureStream
     state: TrainerState = field(default_factory=TrainerState)
+    resume_from: Path | None = None  # the checkpoint fit() restores first
 
     @property
     def trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-
-class PhaseTimer:
-    """Seconds spent in each phase of a step, as ``time/<phase>`` metrics.
-
-    >>> timer = PhaseTimer()
-    >>> with timer("generate"):
-    ...     pass
-    >>> list(timer.seconds)
-    ['time/generate']
-    """
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            key = f"time/{phase}"
-            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
+    @property
+    def sampler_corrected(self) -> bool:
+        """Whether the policy term is weighted by pi_trainer / pi_sampler (TRL: only for vLLM)."""
+        return self.sampler.name == "vllm" and self.config.vllm_importance_sampling_correction
 
 
 # ============================================================================ the GRPO step
 
 
 def grpo_step(run: Run) -> list[dict[str, Any]]:
-    """One iteration of GRPO; returns one metrics record per optimiser step (num_iterations of them)."""
-    cfg, accelerator, state = run.config, run.accelerator, run.state
+    """One iteration of GRPO on one rollout; returns one metrics record per optimiser step."""
+    cfg, state = run.config, run.state
     timer = PhaseTimer()
 
-    # 1. Sample a batch of prompts: each process its own slice of the seeded, endless stream.
-    prompts_per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    start = state.data_position + accelerator.process_index * prompts_per_process
-    rows = run.train_data.rows(start, prompts_per_process)
-    state.data_position += prompts_per_process * accelerator.num_processes
-
-    # 2. G completions per prompt from the current policy.
-    with timer("generate"):
-        seeds = [derive_seed(cfg.seed, position) for position in range(start, start + prompts_per_process)]
-        rollout = generate_rollout(run.sampler, rows, cfg.num_generations, seeds, run.tokenizer.pad_token_id)
-    batch = {k: v.to(accelerator.device) for k, v in rollout.batch.items()}
-
-    # 3. Score them: each reward function, then the weighted sum.
-    with timer("score"):
-        rewards, rewards_per_func = combine_rewards(
-            rollout.texts, rollout.columns, cfg.reward_funcs, cfg.reward_weights
+    # 1-3. A batch of prompts -> G completions each from the current policy -> rewards. Every process
+    #      samples its share and then holds the whole rollout; dynamic sampling repeats this to fill it.
+    with timer("generate_and_score"):
+        groups, state.data_position, sampling_metrics = sample_rollout(
+            run.sampler, run.train_data, cfg, run.accelerator, state.data_position
         )
 
-    # 4. Group-normalised advantages.
-    advantages = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards).to(
-        accelerator.device
+    # 4. Group-normalised advantages, over the whole rollout of all processes.
+    rewards_per_func = torch.cat([g.rewards_per_func for g in groups])  # [R * G, K]
+    advantages = multi_objective_advantages(
+        rewards_per_func,
+        reward_weights(cfg),
+        cfg.num_generations,
+        cfg.multi_objective_aggregation,
+        cfg.scale_rewards,
     )
+    pad_id = run.tokenizer.pad_token_id
+    batches = [
+        step_batch(groups, advantages, k, cfg, run.accelerator, pad_id)
+        for k in range(optimizer_steps_per_rollout(cfg))
+    ]
 
-    # 5. Old and reference log-probs, no grad. With mu = 1 the sampling policy is the current one,
-    #    so old_logp is logp.detach() inside the loss; the reference is the adapter switched off.
+    # 5. Old and reference log-probs, no grad. Without an old pass the sampling policy is the current one
+    #    and old_logp is logp.detach() inside the loss; the reference is the adapter switched off.
+    policy, options, micro_size = (
+        run.accelerator.unwrap_model(run.model),
+        logprob_options(cfg),
+        micro_batch_size(cfg),
+    )
     with timer("old_ref_logprobs"):
-        old_logp = batched_logprobs(run, batch, reference=False) if cfg.num_iterations > 1 else None
-        ref_logp = batched_logprobs(run, batch, reference=True) if cfg.beta > 0 else None
+        for batch in batches:
+            if needs_old_logprobs(cfg):
+                batch["old_logp"], batch["old_entropy"] = no_grad_logprobs(
+                    policy, batch, micro_size, **options
+                )
+            if cfg.beta > 0:
+                with reference_model(policy):  # the adapter switched off: the base model
+                    batch["ref_logp"], _ = no_grad_logprobs(policy, batch, micro_size, **options)
+            if cfg.top_entropy_quantile < 1.0:
+                batch["entropy_mask"] = top_entropy_mask(run, batch)
 
-    # 6. mu policy updates on this batch of samples.
-    sample_metrics = {
-        **global_reward_metrics(accelerator, rewards, rewards_per_func, rollout.columns["db_set"], cfg),
-        **length_metrics(batch["completion_lengths"].float(), batch["truncated"]),
-    }
-    loss_mask = batch["completion_mask"]
-    if cfg.mask_truncated_completions:  # a cut-off completion has no honest reward: leave it out
-        loss_mask = loss_mask * (~batch["truncated"]).float()[:, None]
+    # 6. mu passes of policy updates over the rollout, one optimiser step per step batch.
     records = []
     for iteration in range(cfg.num_iterations):
-        with timer("policy_update"):
-            update, logp = policy_update(run, batch, loss_mask, advantages, old_logp, ref_logp)
-        with timer("optimizer"):
-            update.update(optimizer_step(run, update["loss"]))
-        if iteration == 0:  # sampler vs trainer only means something before the policy has moved
-            update.update(sampler_mismatch(batch["sampler_logp"], logp, batch["completion_mask"]))
-        records.append({"step": state.step, "iteration": iteration, **sample_metrics, **update})
+        for batch in batches:
+            if state.step >= cfg.max_steps:
+                break
+            with timer("policy_update"):
+                update, trainer_logp = policy_update(run, batch)
+            with timer("optimizer"):
+                update.update(optimizer_step(run, update["loss"]))
+            update_entropy_control(run, update.pop("entropy_effective"))
+            state.num_tokens += batch["tokens_seen"]
+            update["num_tokens"] = state.num_tokens
+            if iteration == 0:  # sampler vs trainer only means something before the policy has moved
+                update.update(sampler_metrics(batch, trainer_logp, cfg, run.accelerator))
+            records.append(
+                {"step": state.step, "iteration": iteration, **batch["metrics"], **sampling_metrics, **update}
+            )
 
     # 7. Hand the new adapter to the sampler.
     with timer("sync"):
-        run.sampler.update_policy(accelerator.unwrap_model(run.model))
+        run.sampler.update_policy(run.accelerator.unwrap_model(run.model))
     for record in records:
         record.update(timer.seconds)
-    records[-1]["sample"] = sample_record(rollout, rewards)
+    if records:
+        records[-1]["samples"] = [group_sample(g, reward_weights(cfg)) for g in groups]
     return records
 
 
-def global_reward_metrics(
-    accelerator: Accelerator,
-    rewards: torch.Tensor,
-    rewards_per_func: dict[str, torch.Tensor],
-    db_sets: list[str],
-    cfg: GRPOConfig,
-) -> dict[str, float]:
-    """Reward metrics over the samples of every process (gathered), not only this one's."""
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()
-        rewards_per_func = {
-            k: accelerator.gather(v.to(accelerator.device)).cpu() for k, v in rewards_per_func.items()
-        }
-        db_sets = gather_object(list(db_sets))
-    metrics = reward_metrics(rewards, rewards_per_func, db_sets, cfg.num_generations)
-    return {"num_completions": len(rewards), **metrics}
+def needs_old_logprobs(cfg: GRPOConfig) -> bool:
+    """The policy that sampled must be scored before it moves when the rollout feeds more than one update,
+    and its entropies are needed before the loss when only high-entropy tokens are kept."""
+    return cfg.num_iterations > 1 or optimizer_steps_per_rollout(cfg) > 1 or cfg.top_entropy_quantile < 1.0
 
 
-def micro_batches(n: int, size: int) -> list[slice]:
-    """Slices of the N completions, ``size`` at a time (the last may be shorter). Example: 5, 2 -> 0:2, 2:4, 4:5."""
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def trim(batch: dict[str, torch.Tensor], rows: slice, prompt_len: int) -> dict[str, torch.Tensor]:
-    """The rows of a micro-batch, without the padding columns that none of its rows uses.
-
-    Prompts are left-padded, completions right-padded, so the columns to drop are a prefix of the
-    prompt part and a suffix of the completion part. Example: completions of lengths 3 and 1 in a
-    batch padded to T = 8 keep 3 completion columns.
-    """
-    mask = batch["attention_mask"][rows]
-    first = int(mask[:, :prompt_len].any(dim=0).float().argmax()) if prompt_len else 0
-    longest = int(batch["completion_lengths"][rows].max().clamp(min=1))
-    out = {
-        "input_ids": batch["input_ids"][rows, first : prompt_len + longest],
-        "attention_mask": mask[:, first : prompt_len + longest],
-    }
-    for key in ("completion_mask", "sampler_logp"):
-        out[key] = batch[key][rows, :longest]
-    return out
-
-
-def micro_batch_logprobs(run: Run, micro: dict[str, torch.Tensor], return_entropy: bool = False):
-    """log pi(c_t | prompt, c_<t) [n, t] of one micro-batch under the model as it is now (with the
-    adapter, unless called inside ``reference_model``), and the per-token entropy when asked."""
-    return completion_logprobs(
-        run.model,
-        micro["input_ids"],
-        micro["attention_mask"],
-        micro["completion_mask"],
-        temperature=run.config.temperature,
-        backend=run.config.logprob_backend,
-        return_entropy=return_entropy,
+def logprob_options(cfg: GRPOConfig) -> dict[str, Any]:
+    """How ``models.forward`` computes log-probs for this config (temperature, kernel, shared prompts)."""
+    return dict(
+        temperature=cfg.temperature, backend=cfg.logprob_backend, share_prompt=cfg.share_prompt_forward
     )
 
 
@@ -250,99 +238,118 @@ def micro_batch_size(cfg: GRPOConfig) -> int:
     return cfg.train_micro_batch_size or cfg.per_device_train_batch_size * cfg.num_generations
 
 
-def batched_logprobs(run: Run, batch: dict[str, torch.Tensor], reference: bool) -> torch.Tensor:
-    """Log-probs [N, T] of the completion tokens, no grad, micro-batch by micro-batch.
+def top_entropy_mask(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    """1.0 on the tokens whose entropy (under the policy that sampled) is in the top ``top_entropy_quantile``
+    share of the whole step's tokens, all processes ("Beyond the 80/20 rule"). [n, T]"""
+    mask = batch["loss_mask"].bool()
+    values = gather_flat(run.accelerator, batch["old_entropy"][mask])
+    threshold = entropy_threshold(values, run.config.top_entropy_quantile)
+    return high_entropy_mask(batch["old_entropy"], batch["loss_mask"], threshold).float()
 
-    reference=True switches the adapter off: the base model is GRPO's reference policy.
+
+# ---------------------------------------------------------------------------- the update
+
+
+def entropy_coef_now(run: Run) -> float:
+    """The entropy bonus coefficient of this step (TRL: the adaptive one applies only at or below the target)."""
+    cfg, state = run.config, run.state
+    if not cfg.use_adaptive_entropy:
+        return cfg.entropy_coef
+    return state.entropy_coef if entropy_bonus_applies(state.last_entropy, cfg.entropy_target) else 0.0
+
+
+def policy_update(run: Run, batch: dict[str, Any]) -> tuple[dict[str, float], torch.Tensor]:
+    """The gradient of the GRPO objective on this step's batch, accumulated micro-batch by micro-batch.
+
+    Each micro-batch's loss is normalised by the whole step's counts (all processes), so the gradients summed
+    over micro-batches and processes are exactly the gradient of the whole batch's loss. Returns the step's
+    loss metrics (whole batch) and this process's detached log-probs [n, T].
     """
+    cfg, accelerator = run.config, run.accelerator
     n, t = batch["completion_mask"].shape
     prompt_len = batch["input_ids"].shape[1] - t
-    out = torch.zeros(n, t, device=batch["input_ids"].device)
-    model = run.accelerator.unwrap_model(run.model)
-    adapter = reference_model(model) if reference else contextlib.nullcontext()
-    with torch.no_grad(), adapter:
-        for rows in micro_batches(n, micro_batch_size(run.config)):
-            logp = micro_batch_logprobs(run, trim(batch, rows, prompt_len))
-            out[rows, : logp.shape[1]] = logp
-    return out
-
-
-def micro_batch_weight(loss_type: str, micro_mask: torch.Tensor, full_mask: torch.Tensor) -> float:
-    """Factor that makes the sum of micro-batch losses equal the loss of the whole batch.
-
-    ``grpo`` and ``dr_grpo`` average over sequences -> n_micro / N; ``dapo`` averages over tokens ->
-    tokens_micro / tokens_total. Example: grpo, 2 of 6 sequences -> 1/3.
-    """
-    if loss_type == "dapo":
-        return (micro_mask.sum() / full_mask.sum().clamp(min=1)).item()
-    return micro_mask.shape[0] / full_mask.shape[0]
-
-
-def policy_update(
-    run: Run,
-    batch: dict[str, torch.Tensor],
-    loss_mask: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-) -> tuple[dict[str, float], torch.Tensor]:
-    """The gradient of the clipped GRPO objective on the whole batch, accumulated micro-batch by micro-batch.
-
-    batch: the rollout's tensors [N, ...]; loss_mask [N, T]; advantages [N]; old_logp, ref_logp [N, T] or
-    None. Returns the loss metrics and the (detached) log-probs [N, T] the loss was computed from; the
-    optimiser step is ``optimizer_step``.
-    """
-    cfg = run.config
-    n, t = loss_mask.shape
-    prompt_len = batch["input_ids"].shape[1] - t
+    entropy_coef = entropy_coef_now(run)
+    bonus_grad = entropy_coef > 0
+    num_entropy_tokens = None
+    if "entropy_mask" in batch:
+        num_entropy_tokens = reduce_sum(accelerator, (batch["loss_mask"] * batch["entropy_mask"]).sum())
     sums: dict[str, float] = {}
-    trainer_logp = torch.zeros_like(batch["sampler_logp"])
-    entropy_sum = entropy_tokens = 0.0
+    trainer_logp = torch.zeros_like(batch["completion_mask"])
+    run.model.train()  # dropout as configured and, above all, activation checkpointing: HF only checkpoints in train mode
     for rows in micro_batches(n, micro_batch_size(cfg)):
         micro = trim(batch, rows, prompt_len)
-        width = micro["completion_mask"].shape[1]
-        micro_mask = loss_mask[rows, :width]
-        logp, entropy = micro_batch_logprobs(run, micro, return_entropy=True)
+        logp, entropy = batch_logprobs(run.model, micro, **logprob_options(cfg), entropy_grad=bonus_grad)
+        old_logp = micro.get("old_logp")
+        is_weights = None
+        if run.sampler_corrected:
+            is_weights = sampler_importance_weights(
+                logp.detach() if old_logp is None else old_logp,
+                micro["sampler_logp"],
+                micro["completion_mask"],
+                cfg.vllm_importance_sampling_mode,
+                cfg.vllm_importance_sampling_clip_min,
+                cfg.effective_clip_max,
+            )
+        off_policy_mask = None
+        if cfg.off_policy_mask_threshold is not None:
+            behaviour = micro["sampler_logp"] if run.sampler.name == "vllm" else old_logp
+            off_policy_mask = off_policy_sequence_mask(
+                logp.detach(),
+                logp.detach() if behaviour is None else behaviour,
+                micro["advantages"],
+                micro["loss_mask"],
+                cfg.off_policy_mask_threshold,
+            )
         loss, metrics = policy_loss(
             logp,
-            None if old_logp is None else old_logp[rows, :width],
-            None if ref_logp is None else ref_logp[rows, :width],
-            advantages[rows],
-            micro_mask,
-            eps_low=cfg.epsilon,
-            eps_high=cfg.effective_epsilon_high,
-            beta=cfg.beta,
-            kl_estimator=cfg.kl_estimator,
-            loss_type=cfg.loss_type,
-            max_completion_length=cfg.max_completion_length,
+            old_logp,
+            micro.get("ref_logp"),
+            micro["advantages"],
+            micro["loss_mask"],
+            **cfg.loss_options(),
+            is_weights=is_weights,
+            off_policy_mask=off_policy_mask,
+            entropy_mask=micro.get("entropy_mask"),
+            entropy=entropy,
+            entropy_coef=entropy_coef,
+            num_sequences=batch["num_sequences"],
+            num_tokens=batch["num_tokens"],
+            num_entropy_tokens=num_entropy_tokens,
         )
-        weight = micro_batch_weight(cfg.loss_type, micro_mask, loss_mask)
-        run.accelerator.backward(loss * weight)
-        for key, value in {"loss": loss.item(), **metrics}.items():
-            sums[key] = sums.get(key, 0.0) + value * weight
-        entropy_sum += (entropy * micro["completion_mask"]).sum().item()
-        entropy_tokens += micro["completion_mask"].sum().item()
-        trainer_logp[rows, :width] = logp.detach()
-    metrics = {
-        **sums,
-        "clip_ratio": sums["clip_ratio/region"],
-        "entropy": entropy_sum / max(entropy_tokens, 1.0),
-    }
+        accelerator.backward(loss)
+        add_metric_sums(sums, loss, metrics, cfg.importance_sampling_level)
+        effective = micro["loss_mask"] * micro.get("entropy_mask", 1.0)
+        sums["entropy_effective"] = (
+            sums.get("entropy_effective", 0.0) + (entropy.detach() * effective).sum().item()
+        )
+        sums["entropy_effective/count"] = sums.get("entropy_effective/count", 0.0) + effective.sum().item()
+        trainer_logp[rows, : logp.shape[1]] = logp.detach()
+    metrics = metric_means(accelerator, sums)
+    metrics.update(clip_ratio=metrics["clip_ratio/region_mean"], entropy_coef=entropy_coef)
     return metrics, trainer_logp
 
 
 def optimizer_step(run: Run, loss: float) -> dict[str, float]:
-    """Average the gradients over processes, clip them, step the optimiser and the schedule.
+    """Sum the gradients over processes, clip them, step the optimiser and the schedule.
 
-    A non-finite loss or gradient norm skips the update (counted); ``max_nonfinite_updates`` of them in a
-    row raise TrainingError. Returns grad_norm, lr and skipped_updates.
+    A non-finite loss or gradient norm skips the update, and so does one that leaves a non-finite weight (the
+    weights are put back); ``max_nonfinite_updates`` of them in a row raise TrainingError. Also moves the
+    adaptive entropy coefficient. Returns grad_norm, learning_rate (and lr), skipped_updates.
     """
     cfg, state = run.config, run.state
-    average_gradients(run.trainable_params, run.accelerator)
-    grad_norm = clip_gradients(run.trainable_params, cfg.max_grad_norm)
+    params = run.trainable_params
+    sum_gradients(params, run.accelerator)
+    grad_norm = clip_gradients(params, cfg.max_grad_norm)
     finite = math.isfinite(grad_norm) and math.isfinite(loss)
     if finite:
+        before = [p.detach().clone() for p in params]
         run.optimizer.step()
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if not finite:  # e.g. a huge learning rate: undo the step
+            with torch.no_grad():
+                for p, saved in zip(params, before, strict=True):
+                    p.copy_(saved)
+    if finite:
         state.nonfinite_streak = 0
     else:
         state.skipped_updates += 1
@@ -356,21 +363,36 @@ def optimizer_step(run: Run, loss: float) -> dict[str, float]:
             f"step {state.step}: {state.nonfinite_streak} non-finite updates in a row "
             f"(loss {loss}, grad_norm {grad_norm}); lower learning_rate or check the data"
         )
-    return {"grad_norm": grad_norm, "lr": lr, "skipped_updates": state.skipped_updates}
+    return {"grad_norm": grad_norm, "learning_rate": lr, "lr": lr, "skipped_updates": state.skipped_updates}
 
 
-def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
-    """Data parallel: replace each gradient by its mean over processes (one flat all-reduce).
+def update_entropy_control(run: Run, entropy: float) -> None:
+    """TRL's adaptive entropy control, once per optimiser step, from the step's mean token entropy."""
+    cfg, state = run.config, run.state
+    if cfg.use_adaptive_entropy:
+        state.entropy_coef = adaptive_entropy_coef(
+            state.entropy_coef,
+            entropy,
+            cfg.entropy_target,
+            cfg.entropy_coef_delta,
+            cfg.entropy_coef_min,
+            cfg.entropy_coef_max,
+        )
+        state.last_entropy = entropy
 
-    We do this by hand instead of wrapping the model in DistributedDataParallel: the policy is called
-    in several ways per step (adapter on, adapter off, hidden states only, generate), and one explicit
-    all-reduce after the backward passes is easier to read and to trust.
+
+def sum_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Data parallel: replace each gradient by its sum over processes (one flat all-reduce).
+
+    Every process's loss is already divided by the whole batch's counts, so the sum is the gradient of the
+    whole batch's loss. We do this by hand instead of wrapping the model in DistributedDataParallel: the
+    policy is called in several ways per step (adapter on, adapter off, hidden states only, generate), and
+    one explicit all-reduce after the backward passes is easier to read and to trust.
     """
     if accelerator.num_processes == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat = accelerator.reduce(flat, reduction="mean")
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
     offset = 0
     for p, g in zip(params, grads, strict=True):
         p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
@@ -380,20 +402,6 @@ def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
     """Clip the global gradient norm to max_norm (0 = no clipping); return the norm before clipping."""
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")).item()
-
-
-def sample_record(rollout: Rollout, rewards: torch.Tensor) -> dict[str, Any]:
-    """The first completion of the batch, to print: what the model is actually writing."""
-    row = rollout.rows[0]
-    prompt = row["prompt"]
-    question = prompt[-1]["content"] if prompt and isinstance(prompt[-1], dict) else str(prompt)
-    return {
-        "question": question[-300:],
-        "answer": row.get("answer"),
-        "db_set": row.get("db_set"),
-        "completion": rollout.completions[0].text,
-        "reward": rewards[0].item(),
-    }
 
 
 # ============================================================================ setup and the run
@@ -414,47 +422,61 @@ def make_scheduler(cfg: GRPOConfig, optimizer: torch.optim.Optimizer) -> torch.o
     from transformers import get_scheduler
 
     name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler_type, cfg.lr_scheduler_type)
-    return get_scheduler(
-        name,
-        optimizer,
-        num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
-        num_training_steps=cfg.max_steps,
-    )
+    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.max_steps)
 
 
 def setup(cfg: GRPOConfig) -> Run:
-    """Build everything a run needs, in the order a reader would: process group, model, data, sampler."""
+    """Build everything a run needs, in the order a reader would: process group, output folder and checkpoint
+    checks (before anything heavy), model, data, optimiser, sampler."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from data.mixture import build_train_dataset
-    from models.policy import load_policy, resolve_dtype, resolve_model_path
+    from models.policy import load_policy, load_tokenizer, resolve_dtype, resolve_model_path
     from models.samplers import make_sampler
 
     accelerator = Accelerator()
     set_seed(cfg.seed)  # the same seed on every process: identical LoRA initialisation everywhere
-    accelerator.print(f"device: {accelerator.device}, processes: {accelerator.num_processes}")
+    say = accelerator.print
+    say(f"device: {accelerator.device}, processes: {accelerator.num_processes}")
+    resuming = bool(cfg.resume_from_checkpoint)
+    check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    resume_from = None
+    if resuming:
+        resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, warn=say)
+        check_resume_config(
+            resume_from, read_trainer_state(resume_from), cfg.to_dict(), accelerator.num_processes
+        )
     model_path = resolve_model_path(cfg.model_name_or_path)
+    # the data first: a bad data file fails in seconds, before the model is loaded
+    train_data = build_train_dataset(
+        cfg, load_tokenizer(model_path, cfg.trust_remote_code, cfg.model_name_or_path)
+    )
     model, tokenizer = load_policy(cfg, device=accelerator.device, path=model_path)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    accelerator.print(
+    say(
         f"model: {cfg.model_name_or_path} ({'4-bit NF4' if cfg.load_in_4bit else '16-bit'}), "
         f"LoRA r={cfg.lora_r}: {sum(p.numel() for p in trainable):,} trainable parameters"
     )
-    train_data = build_train_dataset(cfg, tokenizer)
     optimizer = make_optimizer(cfg, trainable)
-    accelerator.print(
-        f"optimizer: {type(optimizer).__module__}.{type(optimizer).__name__} on {accelerator.device}"
-    )
+    say(f"optimizer: {type(optimizer).__module__}.{type(optimizer).__name__} on {accelerator.device}")
     scheduler = make_scheduler(cfg, optimizer)
     # every process samples for its own prompts; only the main one says which sampler it is
     quiet = (
-        contextlib.nullcontext() if accelerator.is_main_process else contextlib.redirect_stdout(io.StringIO())
+        contextlib.redirect_stdout(io.StringIO())
+        if not accelerator.is_main_process
+        else contextlib.nullcontext()
     )
     with quiet:
-        dtype = resolve_dtype(cfg.dtype, accelerator.device)
-        sampler = make_sampler(cfg, model, tokenizer, model_path, dtype)
-    return Run(cfg, accelerator, model, tokenizer, sampler, optimizer, scheduler, train_data)
+        sampler = make_sampler(
+            cfg, model, tokenizer, model_path, resolve_dtype(cfg.dtype, accelerator.device)
+        )
+    state = TrainerState(entropy_coef=cfg.entropy_coef)
+    return Run(
+        cfg, accelerator, model, tokenizer, sampler, optimizer, scheduler, train_data, state, resume_from
+    )
 
 
 def train(cfg: GRPOConfig) -> Path:
@@ -470,56 +492,70 @@ def fit(run: Run) -> Path:
         for stale in remove_incomplete_checkpoints(output_dir):
             print(f"removed {stale}: a save that was interrupted")
     accelerator.wait_for_everyone()
-    if cfg.resume_from_checkpoint:
-        path = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
+    if run.resume_from is not None:
         policy = accelerator.unwrap_model(run.model)
-        saved = load_checkpoint(path, policy, run.optimizer, run.scheduler, accelerator)
-        run.state = state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__})
+        saved = load_checkpoint(run.resume_from, policy, run.optimizer, run.scheduler, accelerator)
+        run.state = state = TrainerState(
+            **{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved}
+        )
         run.sampler.update_policy(policy)
-        accelerator.print(f"resumed from {path} at step {state.step}")
-    logger = (
-        MetricsLogger(output_dir, cfg.report_to, resume_step=state.step)
-        if accelerator.is_main_process
-        else None
-    )
+        accelerator.print(f"resumed from {run.resume_from} at step {state.step}")
+    logger = None
+    if accelerator.is_main_process:
+        logger = MetricsLogger(output_dir, cfg.report_to, state.step, cfg.logging_steps, cfg.to_dict())
     last_saved = state.step
 
     def checkpoint() -> Path:
         nonlocal last_saved
         last_saved = state.step
         trainer_state = {**vars(state), "config": cfg.to_dict()}
-        return save_checkpoint(
+        path = save_checkpoint(
             output_dir, state.step, run.model, run.optimizer, run.scheduler, trainer_state, accelerator
         )
+        if accelerator.is_main_process:
+            rotate_checkpoints(output_dir, cfg.save_total_limit, keep=path)
+        accelerator.wait_for_everyone()
+        return path
 
     # a small fixed evaluation subset, scored greedily every eval_steps (the same on every process)
     eval_rows = eval_subset(cfg, run.tokenizer, size=cfg.eval_size) if cfg.eval_steps else []
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="GRPO", disable=not accelerator.is_main_process)
+    stopped_by = None
     try:
-        while state.step < cfg.max_steps:
-            started = time.perf_counter()
-            try:
-                records = grpo_step(run)
-            except TrainingError:
-                checkpoint()
-                raise
-            if eval_rows and state.step // cfg.eval_steps > (state.step - len(records)) // cfg.eval_steps:
-                records[-1].update(
-                    evaluate_rows(run.sampler, eval_rows, cfg.seed, cfg.reward_funcs, cfg.reward_weights)
+        with stop_requests() as requested:
+            while state.step < cfg.max_steps:
+                started = time.perf_counter()
+                try:
+                    records = grpo_step(run)
+                except TrainingError:
+                    checkpoint()
+                    raise
+                crossed_eval = (
+                    eval_rows and state.step // cfg.eval_steps > (state.step - len(records)) // cfg.eval_steps
                 )
-            for record in records:
-                record["step_time"] = (time.perf_counter() - started) / len(records)
-                sample = record.pop("sample", None)
-                if logger is not None:
-                    logger.log(record)
-                bar.update(1)
-                bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}")
-                if sample is not None and record["step"] % cfg.logging_steps == 0:
-                    bar.write(format_sample(record["step"], sample))
-            # with num_iterations > 1 a GRPO step makes several optimiser steps: save when one crosses
-            # a multiple of save_steps (between rollouts, so nothing half-used needs saving)
-            if state.step // cfg.save_steps > last_saved // cfg.save_steps or state.step >= cfg.max_steps:
-                checkpoint()
+                if crossed_eval:
+                    records[-1].update(
+                        evaluate_rows(run.sampler, eval_rows, cfg.seed, cfg.reward_funcs, cfg.reward_weights)
+                    )
+                for record in records:
+                    record["step_time"] = (time.perf_counter() - started) / len(records)
+                    samples = record.pop("samples", None)
+                    if logger is not None:
+                        logger.log(record)
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}")
+                    if record["step"] % cfg.logging_steps == 0:
+                        if cfg.log_completions and samples:
+                            for sample in samples[: cfg.num_completions_to_print or 1]:
+                                bar.write(format_sample(record["step"], sample))
+                # save between rollouts (nothing half-used needs saving), when a step crossed save_steps
+                if state.step // cfg.save_steps > last_saved // cfg.save_steps or state.step >= cfg.max_steps:
+                    checkpoint()
+                stopped_by = agreed_stop(accelerator, requested)
+                if stopped_by is not None:
+                    if state.step != last_saved:
+                        checkpoint()
+                    break
     finally:
         bar.close()
         if logger is not None:
@@ -529,11 +565,8 @@ def fit(run: Run) -> Path:
         plot = plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
         print(f"adapter: {final}\nmetrics: {output_dir / 'metrics.jsonl'}\nplot:    {plot}")
     run.sampler.close()
+    if stopped_by is not None:
+        raise TrainingInterrupted(
+            f"{stopped_by} at step {state.step}: saved {final}; continue with --resume_from_checkpoint latest"
+        )
     return final
-
-
-def format_sample(step: int, sample: dict[str, Any]) -> str:
-    return (
-        f"--- step {step} sample ({sample['db_set']}, gold {sample['answer']!r}, reward {sample['reward']:.3f})\n"
-        f"{sample['completion'].strip()}\n---"
-    )

@@ -3,7 +3,7 @@
 A causal LM's forward ends with ``logits = lm_head(hidden)``: [N, L, V] numbers, 151,936 per position
 for Qwen2.5. GRPO needs one of them per completion token (the sampled one, after log-softmax). So we
 stop the model one step early: the decoder body gives the final hidden states [N, L, H], we keep only
-the positions that predict a completion token, and ``kernels.logprobs.token_logprobs`` turns
+the positions that predict a completion token, and ``logprob_kernels.logprobs.token_logprobs`` turns
 (hidden [M, H], lm_head weight [V, H], targets [M]) into log-probs [M] without holding [M, V].
 
 Row layout (one row per completion, N rows)::
@@ -19,10 +19,12 @@ state at P + j - 1: the last prompt token scores c0.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from kernels.logprobs import token_logprobs
+from logprob_kernels.logprobs import token_logprobs
 
 
 def _unwrap(model):
@@ -101,6 +103,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     backend: str = "auto",
     return_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log pi(c_t | prompt, c_<t) for every completion token, with the logits divided by `temperature`.
 
@@ -113,7 +116,7 @@ def completion_logprobs(
         completion_mask: [N, T], 1.0 on real completion tokens (from lengths: pad may equal EOS).
         temperature: the sampling temperature, so these are the probabilities the sampler used.
         backend: token_logprobs backend ("auto", "torch", "triton", "naive").
-        return_entropy: also return the per-token entropy [N, T] (detached, 0 where masked).
+        return_entropy: also return the per-token entropy [N, T] (0 where masked; detached unless entropy_grad, for an entropy bonus in the loss).
 
     Returns:
         logp: [N, T] float32, 0.0 where completion_mask is 0; differentiable w.r.t. the LoRA weights.
@@ -125,7 +128,13 @@ def completion_logprobs(
     hidden, targets = completion_hidden_states(model, input_ids, attention_mask, completion_mask)
     weight = lm_head_weight(model)
     result = token_logprobs(
-        hidden.to(weight.dtype), weight, targets, temperature, backend, return_entropy=return_entropy
+        hidden.to(weight.dtype),
+        weight,
+        targets,
+        temperature,
+        backend,
+        return_entropy=return_entropy,
+        entropy_grad=entropy_grad,
     )
     keep = completion_mask.bool()
     if return_entropy:
@@ -161,3 +170,93 @@ def _check_shapes(input_ids: Tensor, attention_mask: Tensor, completion_mask: Te
         raise ValueError(
             "completion_mask is 1 where attention_mask is 0: completion tokens must be attended to"
         )
+
+
+# ---------------------------------------------------------------------------- a batch, micro-batch by micro-batch
+
+# The [N, T] tensors of a trainer batch that go with the completion tokens (trimmed with them).
+PER_TOKEN = (
+    "completion_mask",
+    "loss_mask",
+    "sampler_logp",
+    "old_logp",
+    "ref_logp",
+    "old_entropy",
+    "entropy_mask",
+)
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    """Slices of the N completions, ``size`` at a time (the last may be shorter). Example: 5, 2 -> 0:2, 2:4, 4:5."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def trim(batch: dict[str, Any], rows: slice, prompt_len: int) -> dict[str, Any]:
+    """The rows of a micro-batch, without the padding columns that none of its rows uses.
+
+    Prompts are left-padded, completions right-padded, so the columns to drop are a prefix of the
+    prompt part and a suffix of the completion part. Example: completions of lengths 3 and 1 in a
+    batch padded to T = 8 keep 3 completion columns.
+    """
+    mask = batch["attention_mask"][rows]
+    first = int(mask[:, :prompt_len].any(dim=0).float().argmax()) if prompt_len else 0
+    longest = int(batch["completion_lengths"][rows].max().clamp(min=1))
+    out = {
+        "input_ids": batch["input_ids"][rows, first : prompt_len + longest],
+        "attention_mask": mask[:, first : prompt_len + longest],
+    }
+    for key in PER_TOKEN:
+        if key in batch:
+            out[key] = batch[key][rows, :longest]
+    if "advantages" in batch:
+        out["advantages"] = batch["advantages"][rows]
+    return out
+
+
+def batch_logprobs(
+    model,
+    micro: dict[str, Tensor],
+    temperature: float = 1.0,
+    backend: str = "auto",
+    share_prompt: bool = True,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """log-probs and entropies [n, t] of a (trimmed) micro-batch under the model as it is now.
+
+    share_prompt: each prompt runs once per group (``models.packing.shared_prompt_logprobs``), else once per row
+    (``completion_logprobs``): the same numbers either way. entropy_grad: the entropy carries a gradient (for an
+    entropy bonus in the loss).
+    """
+    from models.packing import shared_prompt_logprobs  # packing builds on this module
+
+    logprobs = shared_prompt_logprobs if share_prompt else completion_logprobs
+    return logprobs(
+        model,
+        micro["input_ids"],
+        micro["attention_mask"],
+        micro["completion_mask"],
+        temperature=temperature,
+        backend=backend,
+        return_entropy=True,
+        entropy_grad=entropy_grad,
+    )
+
+
+def no_grad_logprobs(
+    model, batch: dict[str, Tensor], micro_batch_size: int, **options
+) -> tuple[Tensor, Tensor]:
+    """Log-probs and entropies [N, T] of a whole batch, no grad, ``micro_batch_size`` rows at a time, in eval
+    mode (no dropout, no activation checkpointing). Inside ``models.policy.reference_model(model)`` these are
+    the reference's. options: those of ``batch_logprobs``.
+    """
+    n, t = batch["completion_mask"].shape
+    prompt_len = batch["input_ids"].shape[1] - t
+    logp = torch.zeros(n, t, device=batch["input_ids"].device)
+    entropy = torch.zeros_like(logp)
+    model.eval()
+    with torch.no_grad():
+        for rows in micro_batches(n, micro_batch_size):
+            micro_logp, micro_entropy = batch_logprobs(model, trim(batch, rows, prompt_len), **options)
+            logp[rows, : micro_logp.shape[1]] = micro_logp
+            entropy[rows, : micro_entropy.shape[1]] = micro_entropy
+    return logp, entropy

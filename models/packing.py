@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kernels.logprobs import token_logprobs
+from logprob_kernels.logprobs import token_logprobs
 from models.forward import decoder_body, lm_head_weight
 
 # Attention implementations that take a custom 4-D mask as-is, and the mask format each expects.
@@ -302,6 +302,7 @@ def shared_prompt_logprobs(
     temperature: float = 1.0,
     backend: str = "auto",
     return_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``models.forward.completion_logprobs`` with each distinct prompt run through the model once.
 
@@ -319,7 +320,7 @@ def shared_prompt_logprobs(
 
     Returns:
         logp: [N, T] float32, 0.0 where completion_mask is 0; differentiable w.r.t. the LoRA weights.
-        With `return_entropy`, (logp, entropy) with entropy [N, T] (detached, 0 where masked).
+        With `return_entropy`, (logp, entropy) with entropy [N, T] (0 where masked; detached unless entropy_grad, for an entropy bonus in the loss).
 
     Example: rows [pad, 5, 6 | 7, 8] and [pad, 5, 6 | 9, pad] run as the one row [5, 6, 7, 8, 9]:
     logp[0, 0] (7) and logp[1, 0] (9) are both scored from the state at 6, logp[0, 1] (8) from 7.
@@ -335,7 +336,13 @@ def shared_prompt_logprobs(
     targets = input_ids[:, -num_completion:][keep]  # [M]
     weight = lm_head_weight(model)
     result = token_logprobs(
-        hidden.to(weight.dtype), weight, targets, temperature, backend, return_entropy=return_entropy
+        hidden.to(weight.dtype),
+        weight,
+        targets,
+        temperature,
+        backend,
+        return_entropy=return_entropy,
+        entropy_grad=entropy_grad,
     )
     if return_entropy:
         logp, entropy = result

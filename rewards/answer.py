@@ -3,7 +3,8 @@
 
 Both read the answer with ``extract_answer`` (text between the last ``<answer>`` and the next
 ``</answer>``) and need the dataset columns ``answer`` (the gold, a string) and ``db_set`` (``"gsm8k"``,
-``"pubmedqa"`` or ``"med_mc"``), one entry per completion. An unknown db_set scores 0.0.
+``"pubmedqa"`` or ``"med_mc"``), one entry per completion. Any other db_set (a user's own dataset) scores
+FULL_CREDIT when the normalised answer equals the gold, ignoring case.
 """
 
 from __future__ import annotations
@@ -128,7 +129,9 @@ def score_answer(predicted: str, gold: str, db_set: str) -> float:
             return PARTIAL_CREDIT if label.group(1).upper() == gold else 0.0
         found = set(STANDALONE_LETTER.findall(predicted))
         return PARTIAL_CREDIT if found == {gold} else 0.0
-    return 0.0
+    # any other db_set (a user's own dataset, data/custom.py): the normalised answers must match, any case;
+    # no partial credit, since we do not know what its labels look like
+    return FULL_CREDIT if predicted.casefold() == gold.casefold() else 0.0
 
 
 def correctness_reward_func(

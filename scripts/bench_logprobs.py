@@ -1,4 +1,4 @@
-"""Benchmark kernels.logprobs.token_logprobs: forward + backward time, peak extra memory, TFLOP/s.
+"""Benchmark logprob_kernels.logprobs.token_logprobs: forward + backward time, peak extra memory, TFLOP/s.
 
     python scripts/bench_logprobs.py --preset cpu          # M=2048, H=256, V=151,936, fp32, 2 CPU cores OK
     python scripts/bench_logprobs.py --preset gpu          # H100: M=6,144 and 12,288, H=2048, bf16
@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from kernels.logprobs import token_logprobs  # noqa: E402
+from logprob_kernels.logprobs import token_logprobs  # noqa: E402
 
 PRESETS = {
     "cpu": {"tokens": [2048], "hidden": 256, "vocab": 151_936, "dtype": "float32", "chunks": [64, 128, 256]},

@@ -14,10 +14,18 @@ per-step price of following the policy.
 and a word-level tokenizer of the same vocabulary to a temporary folder; the prompt is 128 ordinary token ids. Random
 weights almost never sample EOS, so every completion runs to max_new_tokens: 6 x 1,024 tokens.
 
-``--mismatch`` (with vLLM) also measures how far vLLM's log-probs are from the trainer's for the same
-sampled tokens (grpo.metrics.sampler_mismatch), for the policy with a 4-bit NF4 base (what the
-trainer holds; vLLM holds the 16/32-bit base because vllm 0.32 cannot load bitsandbytes) and with a
-16/32-bit base (both sides the same weights).
+``--mismatch`` (with vLLM) also measures ``mismatch/logp_abs_diff`` (grpo.metrics.sampler_mismatch): vLLM's
+log-probs of its own samples vs the trainer's (``models.forward.completion_logprobs`` on the 4-bit NF4
+policy, the same adapter on both sides), twice:
+
+- before: vLLM started on the original 16-bit model folder (what it loaded until the export existed; vLLM
+  0.32 cannot load bitsandbytes, so the trainer's NF4 base and vLLM's base differed by the quantisation);
+- after: ``VLLMSampler.for_policy``, vLLM on the trainer's own NF4 base dequantised (``models/export.py``).
+
+``--dtype`` (fp32 / bf16 / auto) is the trainer's compute dtype and vLLM's dtype, the same on both sides:
+
+    python scripts/bench_sampler.py --preset tiny --samplers vllm --mismatch --dtype fp32
+    python scripts/bench_sampler.py --preset tiny --samplers vllm --mismatch --dtype bf16
 
 Prints a table and writes JSON to --out (default outputs/bench_sampler_<preset>.json).
 """
@@ -25,6 +33,7 @@ Prints a table and writes JSON to --out (default outputs/bench_sampler_<preset>.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -43,9 +52,10 @@ from grpo.metrics import sampler_mismatch  # noqa: E402
 from grpo.rollout import collate  # noqa: E402
 from models.hf_sampler import HFSampler  # noqa: E402
 from models.policy import resolve_dtype, resolve_model_path  # noqa: E402
-from models.samplers import SamplingSettings, derive_seed, make_sampler, vllm_importable  # noqa: E402
+from models.samplers import SamplingSettings, derive_seed, vllm_importable  # noqa: E402
 from models.tiny import TINY_MODEL  # noqa: E402
 from models.tiny.random_qwen import write_random_qwen  # noqa: E402
+from models.vllm_sampler import VLLMSampler  # noqa: E402
 
 PRESETS = {
     "tiny": dict(model=TINY_MODEL, prompts=2, num_generations=6, max_new_tokens=128, lora_r=8),
@@ -87,39 +97,69 @@ def timed_generate(sampler, prompts, num_generations: int, seed: int) -> dict:
     }
 
 
-def measure_mismatch(cfg: GRPOConfig, vllm_sampler, prompts, seed: int) -> dict:
-    """vLLM's log-probs vs the trainer's (models.forward.completion_logprobs) for vLLM's own samples."""
-    from models.forward import completion_logprobs
-    from models.policy import load_adapter, load_policy
+def measure_mismatch(
+    vllm_sampler, policy, prompts, num_generations: int, seed: int, temperature: float
+) -> dict:
+    """vLLM's log-probs vs the trainer's (models.forward.completion_logprobs on ``policy``), vLLM's samples.
 
-    # the adapter vLLM holds now (the one update_policy last saved), read into each trainer-side policy
-    adapter_dir = vllm_sampler._lora_request.lora_path
+    The sampler must hold the policy's current adapter (``update_policy(policy)``), so that the two sides
+    differ only by their base weights and kernels.
+    """
+    from models.forward import completion_logprobs
+
     prompt_ids = vllm_sampler.encode(prompts)
     outputs = vllm_sampler.generate(
-        prompt_ids, cfg.num_generations, [derive_seed(seed, p) for p in range(len(prompt_ids))]
+        prompt_ids, num_generations, [derive_seed(seed, p) for p in range(len(prompt_ids))]
     )
     batch = collate(prompt_ids, outputs, pad_id=vllm_sampler.tokenizer.pad_token_id)
-    result = {}
-    for name, four_bit in (("trainer_4bit_nf4", True), ("trainer_same_precision", False)):
-        if four_bit and not _bitsandbytes_ok():
-            result[name] = "skipped: bitsandbytes not importable"
-            continue
-        policy, _ = load_policy(GRPOConfig(**{**cfg.to_dict(), "load_in_4bit": four_bit}))
-        load_adapter(policy, adapter_dir)
-        device = next(policy.parameters()).device
-        with torch.no_grad():
-            logp = completion_logprobs(
-                policy,
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                batch["completion_mask"].to(device),
-                temperature=cfg.temperature,
-            ).cpu()
-        metrics = sampler_mismatch(batch["sampler_logp"], logp, batch["completion_mask"])
-        result[name] = {k.split("/")[1]: round(v, 6) for k, v in metrics.items()}
-        del policy
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    with torch.no_grad():
+        logp = completion_logprobs(
+            policy,
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["completion_mask"].to(device),
+            temperature=temperature,
+        ).cpu()
+    policy.train(was_training)
+    metrics = sampler_mismatch(batch["sampler_logp"], logp, batch["completion_mask"])
+    result = {k.split("/", 1)[1]: float(f"{v:.6g}") for k, v in metrics.items()}
     result["tokens"] = int(batch["completion_mask"].sum())
     return result
+
+
+def original_folder_sampler(cfg: GRPOConfig, policy, tokenizer, model_path: str, dtype: torch.dtype):
+    """vLLM on the original model folder: the sampler as it was before the export (the "before" figure)."""
+    sampler = VLLMSampler(
+        model_path,
+        tokenizer,
+        SamplingSettings.from_config(cfg),
+        lora_rank=cfg.lora_r,
+        max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        dtype=str(dtype).removeprefix("torch."),
+        load_in_4bit=cfg.load_in_4bit,
+        seed=cfg.seed,
+    )
+    sampler.update_policy(policy)
+    return sampler
+
+
+def print_mismatch(mismatch: dict) -> None:
+    print(
+        f"mismatch/logp_abs_diff, vLLM vs the trainer's {mismatch['trainer']} policy, {mismatch['dtype']} "
+        "on both sides:"
+    )
+    for when in ("before", "after"):
+        row = mismatch[when]
+        print(
+            f"  {when:6s} ({row['vllm_base']}): mean {row['logp_abs_diff']:.3g}, max "
+            f"{row['logp_abs_diff_max']:.3g}, seq_ratio {row['seq_ratio_min']:.6g}.."
+            f"{row['seq_ratio_max']:.6g} ({row['tokens']} tokens)"
+        )
+    print(f"  before / after: {mismatch['reduction']:.3g}x")
 
 
 def _bitsandbytes_ok() -> bool:
@@ -144,7 +184,17 @@ def main() -> None:
         default="auto",
         help="the HF policy's base (auto: 4-bit when bitsandbytes imports)",
     )
-    parser.add_argument("--mismatch", action="store_true", help="also measure vLLM vs trainer log-probs")
+    parser.add_argument(
+        "--mismatch",
+        action="store_true",
+        help="also measure vLLM vs trainer log-probs: vLLM on the original folder, then on the export",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="the trainer's compute dtype, also vLLM's (auto: bf16 on GPU, fp32 on CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -172,6 +222,8 @@ def main() -> None:
         gradient_checkpointing=False,
         temperature=1.0,
         seed=args.seed,
+        dtype=args.dtype,
+        sampler="vllm",
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {
@@ -186,6 +238,7 @@ def main() -> None:
         "num_generations": group,
         "max_new_tokens": max_new,
         "policy_base": "4-bit NF4" if four_bit else "16/32-bit",
+        "dtype": str(resolve_dtype(cfg.dtype)).removeprefix("torch."),
         "results": {},
     }
     from models.policy import load_policy
@@ -210,10 +263,10 @@ def main() -> None:
             report["results"]["vllm"] = f"skipped: {detail}"
         else:
             start = time.perf_counter()
-            vllm_cfg = GRPOConfig(**{**cfg.to_dict(), "sampler": "vllm"})
             model_path, dtype = resolve_model_path(model), resolve_dtype(cfg.dtype)
-            vllm = make_sampler(vllm_cfg, policy, tokenizer, model_path, dtype)
+            vllm = VLLMSampler.for_policy(cfg, policy, tokenizer, model_path, dtype)  # as make_sampler does
             engine_start = time.perf_counter() - start
+            print(f"vllm : {vllm.describe()}", flush=True)
             start = time.perf_counter()
             vllm.update_policy(policy)
             handover = time.perf_counter() - start
@@ -221,12 +274,32 @@ def main() -> None:
             result.update(engine_start_s=round(engine_start, 2), update_policy_s=round(handover, 3))
             report["results"]["vllm"] = result
             if args.mismatch:
-                del policy
-                report["mismatch"] = measure_mismatch(cfg, vllm, [prompt] * 4, args.seed)
-            vllm.close()
+                mismatch_prompts = [prompt] * 4
+                after = measure_mismatch(vllm, policy, mismatch_prompts, group, args.seed, cfg.temperature)
+                after["vllm_base"] = (
+                    "the trainer's own NF4 base, dequantised" if four_bit else "the original folder"
+                )
+                vllm.close()  # one engine at a time (on a GPU each takes vllm_gpu_memory_utilization)
+                del vllm
+                gc.collect()  # the engine holds its memory until collected; the next one checks what is free
+                before_sampler = original_folder_sampler(cfg, policy, tokenizer, model_path, dtype)
+                before = measure_mismatch(
+                    before_sampler, policy, mismatch_prompts, group, args.seed, cfg.temperature
+                )
+                before["vllm_base"] = "the original model folder"
+                before_sampler.close()
+                report["mismatch"] = {
+                    "trainer": report["policy_base"],
+                    "dtype": report["dtype"],
+                    "before": before,
+                    "after": after,
+                    "reduction": before["logp_abs_diff"] / max(after["logp_abs_diff"], 1e-12),
+                }
+            else:
+                vllm.close()
         print(f"vllm : {report['results']['vllm']}", flush=True)
         if "mismatch" in report:
-            print(f"mismatch: {report['mismatch']}")
+            print_mismatch(report["mismatch"])
 
     out = Path(args.out or f"outputs/bench_sampler_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,10 @@ Options of this script:
   --limit N              at most N prompts per source, spread evenly over it
   --samples K            completions per prompt (default 1); pass@k is reported for k = 1, 2, 4, ..., K
   --temperature T        default 0 (greedy) for K = 1, else the config's temperature
-  --seed S, --batch_size B (prompts per generate call), --output FILE (default evaluation.json)
+  --seed S, --batch_size B (prompts per generate call)
+  --output FILE          the JSON report (default: beside the adapter, <adapter>/evaluation.json; with
+                         --compare in the adapter side's folder, evaluation_vs_<other side>.json; for the
+                         base model alone outputs/evaluation_<model>.json)
   --medqa_data_files, --medmcqa_data_files, --mmlu_medical_data_files FILES   local files instead of the hub
 Any field of grpo/config.py may follow as ``--field value``, as for train.py: --config FILE (a training
 YAML: model, 4-bit, data files, sampler...), --sampler hf, --max_completion_length 512,
@@ -51,20 +54,43 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     """This script's own options; everything else is left for the GRPOConfig parser."""
     parser = argparse.ArgumentParser(
         prog="evaluate.py",
-        description="Accuracy per source of a model / LoRA adapter (docs/EVALUATION.md).",
+        description=(
+            "Accuracy per source of a model, or of a trained LoRA adapter against its base: a markdown "
+            "table on stdout and a JSON report (docs/EVALUATION.md). Any field of grpo/config.py may "
+            "follow as --field value (e.g. --sampler hf, --max_completion_length 512)."
+        ),
         allow_abbrev=False,  # --sample must not silently mean --samples, nor swallow a config field
     )
-    parser.add_argument("--model", help="base model: hub id, local folder or tiny-random-qwen2")
+    parser.add_argument(
+        "--model",
+        help="base model: hub id, local folder or tiny-random-qwen2 (default: the --config's "
+        "model_name_or_path, else the adapter's base)",
+    )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--adapter", help="a saved LoRA adapter folder")
-    which.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two adapter folders or 'base'")
-    parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), metavar="SOURCE")
-    parser.add_argument("--limit", type=int, help="at most this many prompts per source")
-    parser.add_argument("--samples", type=int, default=1, help="K completions per prompt")
-    parser.add_argument("--temperature", type=float, help="0 = greedy (default for K = 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=32, help="prompts per generate call")
-    parser.add_argument("--output", default="evaluation.json", help="where the JSON report goes")
+    which.add_argument("--adapter", help="a saved LoRA adapter folder (default: evaluate the base model)")
+    which.add_argument(
+        "--compare", nargs=2, metavar=("A", "B"), help="two adapter folders or 'base'; prints B - A"
+    )
+    parser.add_argument(
+        "--sources",
+        nargs="+",
+        default=list(DEFAULT_SOURCES),
+        metavar="SOURCE",
+        help=f"sources to score, any of: {', '.join(SOURCES)} (default: {' '.join(DEFAULT_SOURCES)})",
+    )
+    parser.add_argument("--limit", type=int, help="at most this many prompts per source (default: all)")
+    parser.add_argument("--samples", type=int, default=1, help="K completions per prompt (default: 1)")
+    parser.add_argument(
+        "--temperature", type=float, help="0 = greedy (default: 0 for K = 1, else the config's temperature)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--batch_size", type=int, default=32, help="prompts per generate call (default: 32)")
+    parser.add_argument(
+        "--output",
+        help="the JSON report (default: <adapter>/evaluation.json; with --compare, "
+        "evaluation_vs_<other side>.json in the adapter side's folder; the base model alone: "
+        "outputs/evaluation_<model>.json)",
+    )
     parser.add_argument("--config", help="a training YAML (its model, data files and sampler are used)")
     for name, flag in EXTRA_DATA_FLAGS.items():
         parser.add_argument(f"--{flag}", help=f"local files in the {SOURCES[name][2]} schema")
@@ -98,9 +124,33 @@ def check_args(args: argparse.Namespace) -> None:
             )
     elif args.adapter:
         read_adapter_config(args.adapter)
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise EvaluationError(f"--output {args.output!r}: folder {out_dir} does not exist")
+    if args.output is not None:
+        out_dir = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(out_dir):
+            raise EvaluationError(f"--output {args.output!r}: folder {out_dir} does not exist")
+
+
+def default_output_path(adapter: Optional[str], compare: Optional[list[str]], model: str) -> Path:
+    """Where the JSON report goes without --output: beside what was evaluated, never the working folder.
+
+    >>> str(default_output_path("runs/a/checkpoint-250", None, "Qwen/Qwen2.5-3B-Instruct"))
+    'runs/a/checkpoint-250/evaluation.json'
+    >>> str(default_output_path(None, ["base", "runs/a/checkpoint-250"], "m"))
+    'runs/a/checkpoint-250/evaluation_vs_base.json'
+    >>> str(default_output_path(None, ["runs/a/checkpoint-100", "runs/a/checkpoint-250/"], "m"))
+    'runs/a/checkpoint-250/evaluation_vs_checkpoint-100.json'
+    >>> str(default_output_path(None, None, "Qwen/Qwen2.5-3B-Instruct"))
+    'outputs/evaluation_Qwen2.5-3B-Instruct.json'
+    """
+    if adapter:
+        return Path(adapter) / "evaluation.json"
+    if compare:
+        a, b = compare
+        folder, other = (b, a) if b != BASE else (a, b)
+        if folder != BASE:
+            label = BASE if other == BASE else Path(other).name
+            return Path(folder) / f"evaluation_vs_{label}.json"
+    return Path("outputs") / f"evaluation_{Path(model.rstrip('/')).name or 'model'}.json"
 
 
 def build_config(args: argparse.Namespace, rest: list[str]):
@@ -249,9 +299,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (EvaluationError, AdapterError, ConfigError, DataError, ModelLoadError) as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
-    with open(args.output, "w") as fh:
+    output = (
+        Path(args.output)
+        if args.output is not None
+        else default_output_path(args.adapter, args.compare, document["model"])
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)  # outputs/ for the base model
+    with open(output, "w") as fh:
         json.dump(document, fh, indent=1)
-    say(f"report: {args.output}")
+    say(f"report: {output}")
     return 0
 
 

@@ -757,7 +757,7 @@ def test_unreachable_hub_names_the_data_files_flag(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(
-        DataError, match=r"medmcqa: cannot load openlifescienceai/medmcqa .* --medmcqa_data_files"
+        DataError, match=r"medmcqa: cannot load openlifescienceai/medmcqa.* --medmcqa_data_files"
     ):
         load_eval_set("medmcqa", GRPOConfig())
     with pytest.raises(DataError, match=r"gsm8k: cannot load .*ConnectionError.* --gsm8k_data_files"):
@@ -769,3 +769,283 @@ def test_unreachable_hub_names_the_data_files_flag(monkeypatch):
 def test_evenly_spaced_limit():
     assert evenly_spaced(10, 4) == [0, 2, 5, 7]
     assert evenly_spaced(3, 10) == [0, 1, 2] and evenly_spaced(3, None) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------- unreadable files: one error naming file and line
+
+import data.common  # noqa: E402
+import data.custom  # noqa: E402
+from data import custom  # noqa: E402
+from data.common import find_json_problem, read_local_files  # noqa: E402
+from data.prompts import make_prompt  # noqa: E402
+
+GOOD_GSM8K = {"question": "Q?", "answer": "1 + 1 = 2\n#### 2"}
+
+
+def test_docstring_examples_of_file_checks_and_custom_rows():
+    for module in (data.common, data.custom):
+        assert doctest.testmod(module).failed == 0, module.__name__
+
+
+def test_a_broken_json_line_is_one_error_naming_the_file_and_the_line(tmp_path):
+    good = json.dumps(GOOD_GSM8K)
+    path = tmp_path / "gsm8k_train.jsonl"
+    path.write_text(f'{good}\n{good}\n\n{{"question": "Q?", "answer": \n{good}\n')  # line 4 is cut
+    with pytest.raises(DataError) as err:
+        gsm8k.load("train", str(path))
+    message = str(err.value)
+    assert message.startswith(f"gsm8k: could not read {path}: line 4: not valid JSON (")
+    assert "\n" not in message
+
+
+def test_a_line_that_is_not_an_object_names_its_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(GOOD_GSM8K) + '\n["Q?", "#### 2"]\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl: line 2: an array, expected one JSON object per line"):
+        gsm8k.load("train", str(path))
+
+
+def test_a_json_array_file_names_the_line_of_its_syntax_error(tmp_path):
+    path = tmp_path / "rows.json"
+    rows = json.dumps([GOOD_GSM8K, GOOD_GSM8K], indent=1).splitlines()  # "[", " {", ... one key per line
+    rows[2] = rows[2].rstrip(",")  # line 3 loses the comma between two keys: the parser stops on line 4
+    path.write_text("\n".join(rows))
+    with pytest.raises(DataError, match=r"rows\.json: line 4: not valid JSON \(Expecting ',' delimiter"):
+        gsm8k.load("train", str(path))
+    # and the same rows, well written, as an array and as JSON Lines, read alike
+    path.write_text(json.dumps([GOOD_GSM8K, GOOD_GSM8K], indent=1))
+    assert gsm8k.load("train", str(path))["answer"] == ["2", "2"]
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_an_empty_data_file_is_one_error_naming_it(tmp_path, text):
+    path = tmp_path / "gsm8k_train.jsonl"
+    path.write_text(text)
+    with pytest.raises(
+        DataError, match=rf"^gsm8k: could not read {re.escape(str(path))}: the file is empty$"
+    ):
+        gsm8k.load("train", str(path))
+
+
+def test_an_empty_file_among_good_ones_adds_no_row(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [GOOD_GSM8K])
+    (tmp_path / "b.jsonl").write_text("")
+    assert len(gsm8k.load("train", str(tmp_path / "*.jsonl"))) == 1
+
+
+def test_missing_file_glob_and_empty_folder_are_one_error_each(tmp_path):
+    with pytest.raises(
+        DataError, match=r"^gsm8k: no data file matches '.*nothing_train\.jsonl' \(split 'train'\)$"
+    ):
+        gsm8k.load("train", str(tmp_path / "nothing_{split}.jsonl"))
+    with pytest.raises(DataError, match=r"no data file matches '.*\*\.parquet'"):
+        gsm8k.load("train", str(tmp_path / "*.parquet"))
+    (tmp_path / "empty_folder").mkdir()
+    with pytest.raises(
+        DataError, match=r"the folder '.*empty_folder' holds no \.json/\.jsonl/\.parquet file"
+    ):
+        gsm8k.load("train", str(tmp_path / "empty_folder"))
+
+
+def test_all_rows_bad_lists_each_reason_with_its_first_row(tmp_path):
+    path = write_jsonl(
+        tmp_path / "gsm8k_train.jsonl",
+        [{"question": "Q?", "answer": "no marker"}, {"question": "", "answer": "#### 1"},
+         {"question": "Q?", "answer": "no marker either"}],
+    )  # fmt: skip
+    with pytest.raises(DataError) as err:
+        gsm8k.load("train", path)
+    assert str(err.value) == (
+        f"gsm8k: no valid row left in {path} (3 row(s) read; malformed: no '####' line in answer: 2 "
+        "(first at row 0); empty question: 1 (first at row 1); left out: none)"
+    )
+
+
+def test_datasets_own_error_log_is_held_back(tmp_path, caplog):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"question": "Q?", "answer": "#### 1"}\n{"question": \n')
+    with caplog.at_level(logging.DEBUG), pytest.raises(DataError):
+        read_local_files([str(path)], source="gsm8k")
+    assert not [r for r in caplog.records if r.name.startswith("datasets") and r.levelno >= logging.ERROR]
+    assert logging.getLogger("datasets").level != logging.CRITICAL  # restored afterwards
+
+
+def test_good_files_are_not_checked_a_second_time(monkeypatch):
+    def must_not_run(file):
+        raise AssertionError(f"find_file_problem({file}) on a file datasets read")
+
+    monkeypatch.setattr(data.common, "find_file_problem", must_not_run)
+    assert len(gsm8k.load("test", GSM8K_FILES)) == len(read_jsonl(FIXTURES_DIR / "gsm8k_test.jsonl"))
+
+
+def test_find_json_problem_cases():
+    assert find_json_problem('{"a": 1}\n{"a": 2}\n') is None
+    assert find_json_problem('{\n  "a": 1\n}\n') is None  # one object over several lines
+    assert find_json_problem('{"a": 1}\n"text"\n') == "line 2: a string, expected one JSON object per line"
+    assert find_json_problem("[]") == "the file is an empty array (no rows)"
+    assert find_json_problem('{"a": 1}\n{"a": 1},\n') == "line 2: not valid JSON (Extra data, column 9)"
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "where", "flag"),
+    [
+        (gsm8k, ("train",), "openai/gsm8k (main), split train", "--gsm8k_data_files"),
+        (pubmedqa, ("test",), "qiaojin/PubMedQA (pqa_labeled), split train", "--pubmedqa_data_files"),
+        (health_benchmarks, ("train",), "yesilhealth/Health_Benchmarks (Lab_Medicine)",
+         "--health_benchmarks_data_files"),
+        (medqa, ("test",), "GBaker/MedQA-USMLE-4-options-hf, split test", "--medqa_data_files"),
+        (mmlu_medical, ("test",), "cais/mmlu (anatomy), split test", "--mmlu_medical_data_files"),
+    ],
+)  # fmt: skip
+def test_unreachable_hub_is_one_error_naming_the_local_files_flag(module, args, where, flag, monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub\n(second line of the library's message)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as err:
+        module.load(*args)
+    assert str(err.value) == (
+        f"{module.DB_SET if module is gsm8k else module.__name__.split('.')[-1]}: cannot load {where} from the "
+        f"hub (ConnectionError: Couldn't reach the Hub); offline, give local files in its hub schema with {flag}"
+    )
+
+
+# ---------------------------------------------------------------------------- a user's own dataset (data/custom.py)
+
+SYSTEM = {"role": "system", "content": data.prompts.SYSTEM_PROMPT}
+
+
+def test_custom_rows_conversational_plain_and_own_system_prompt(tmp_path):
+    rows = [
+        {"prompt": [{"role": "user", "content": "2 + 2?"}], "answer": "4"},
+        {"prompt": "Is water wet?", "answer": "yes", "db_set": "pubmedqa"},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Pick one."}],
+         "answer": " B ", "db_set": "med_mc", "extra": 1},
+        {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "7 * 6?"}], "answer": 42},
+    ]  # fmt: skip
+    ds = custom.load("train", write_jsonl(tmp_path / "mine.jsonl", rows))
+    assert ds.column_names == ["prompt", "answer", "db_set"]
+    assert ds.to_list() == [
+        {"prompt": make_prompt("2 + 2?"), "answer": "4", "db_set": "custom"},
+        {"prompt": make_prompt("Is water wet?"), "answer": "yes", "db_set": "pubmedqa"},
+        {"prompt": rows[2]["prompt"], "answer": "B", "db_set": "med_mc"},
+        {"prompt": [SYSTEM, *rows[3]["prompt"]], "answer": "42", "db_set": "custom"},
+    ]
+    assert custom.load("train", str(tmp_path / "mine.jsonl"), db_set="mine")["db_set"][0] == "mine"
+
+
+def test_custom_csv_parquet_and_jsonl_give_the_same_rows(tmp_path):
+    rows = [{"prompt": "What is 3 + 4?", "answer": 7}, {"prompt": "Capital of France?", "answer": "Paris"}]
+    jsonl = custom.load("train", write_jsonl(tmp_path / "a.jsonl", rows)).to_list()
+    (tmp_path / "a.csv").write_text('prompt,answer\nWhat is 3 + 4?,7\n"Capital of France?",Paris\n')
+    datasets.Dataset.from_list(
+        [{"prompt": r["prompt"], "answer": str(r["answer"])} for r in rows]
+    ).to_parquet(str(tmp_path / "a.parquet"))
+    assert jsonl == [
+        {"prompt": make_prompt("What is 3 + 4?"), "answer": "7", "db_set": "custom"},
+        {"prompt": make_prompt("Capital of France?"), "answer": "Paris", "db_set": "custom"},
+    ]
+    assert custom.load("train", str(tmp_path / "a.csv")).to_list() == jsonl
+    assert custom.load("train", str(tmp_path / "a.parquet")).to_list() == jsonl
+
+
+def test_custom_splits_from_the_split_placeholder(tmp_path):
+    write_jsonl(tmp_path / "rows_train.jsonl", [{"prompt": "t?", "answer": "1"}])
+    write_jsonl(
+        tmp_path / "rows_test.jsonl", [{"prompt": "e?", "answer": "2"}, {"prompt": "f?", "answer": "3"}]
+    )
+    pattern = str(tmp_path / "rows_{split}.jsonl")
+    assert custom.load("train", pattern)["answer"] == ["1"]
+    assert custom.load("test", pattern)["answer"] == ["2", "3"]
+    with pytest.raises(
+        DataError, match=r"^dataset_name: '.*rows_train\.jsonl' has no '\{split\}' in it, so it "
+    ):
+        custom.load("test", str(tmp_path / "rows_train.jsonl"))
+    with pytest.raises(DataError, match=r"dataset_name: no data file matches '.*rows_validation\.jsonl'"):
+        custom.load("validation", pattern)
+
+
+def test_custom_missing_column_names_the_file_and_its_columns(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Q?", "answer": "1"}])
+    with pytest.raises(DataError) as err:
+        custom.load("train", path)
+    assert str(err.value).startswith(
+        f"dataset_name: {path}: no 'prompt' column (its columns: question, answer);"
+    )
+
+
+def test_custom_malformed_rows_skipped_with_one_warning_naming_column_and_row(tmp_path, caplog):
+    good = {"prompt": "Q?", "answer": "A"}
+    bad = [
+        {"prompt": "", "answer": "A"},
+        {"prompt": [], "answer": "A"},
+        {"prompt": [{"role": "user"}], "answer": "A"},
+        {"prompt": [{"role": "robot", "content": "x"}], "answer": "A"},
+        {"prompt": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}], "answer": "A"},
+        {"prompt": "Q?", "answer": ""},
+        {"prompt": "Q?", "answer": None},
+        {"prompt": "Q?", "answer": "A", "db_set": " "},
+    ]
+    path = write_jsonl(tmp_path / "mine.jsonl", [good, *bad])
+    with caplog.at_level(logging.WARNING, logger="data.common"):
+        assert len(custom.load("train", path)) == 1
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"dataset_name: skipped 8 malformed row(s) of 9 in {path} [")
+    for reason_and_row in [
+        "prompt is an empty string: 1 (first at row 1)",
+        "prompt is an empty list of messages: 1 (first at row 2)",
+        "prompt: a message is not a {role, content} object: 1 (first at row 3)",
+        "prompt: a message has a role other than system, user, assistant: 1 (first at row 4)",
+        "prompt: the last message is not from the user (the model answers it): 1 (first at row 5)",
+        "answer is empty: 1 (first at row 6)",
+        "answer missing (null): 1 (first at row 7)",
+        "db_set is not a non-empty string: 1 (first at row 8)",
+    ]:
+        assert reason_and_row in warning
+    with pytest.raises(
+        DataError, match=r"^dataset_name: no valid row left in .*bad\.jsonl \(2 row\(s\) read"
+    ):
+        custom.load("train", write_jsonl(tmp_path / "bad.jsonl", bad[:2]))
+
+
+def test_custom_hub_dataset_and_its_errors(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        if path == "someone/qa":
+            return datasets.Dataset.from_list([{"prompt": "Q?", "answer": "A"}])
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.chdir(tmp_path)  # no local folder "someone/qa"
+    assert custom.load("test", "someone/qa", config_name="v2").to_list() == [
+        {"prompt": make_prompt("Q?"), "answer": "A", "db_set": "custom"}
+    ]
+    assert calls == [("someone/qa", "v2", "test")]
+    with pytest.raises(DataError) as err:
+        custom.load("train", "someone/missing")
+    assert str(err.value) == (
+        "dataset_name: cannot load someone/missing, split train from the hub (ConnectionError: Couldn't reach "
+        "the Hub); no local file or folder of that name exists either"
+    )
+    with pytest.raises(DataError, match="only applies to a hub dataset"):
+        custom.load("train", "rows.jsonl", config_name="v2")
+
+
+def test_custom_is_local_and_split_by_db_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_data").mkdir()
+    assert custom.is_local("my_data") and custom.is_local("~/x") and custom.is_local("x_{split}")
+    assert not custom.is_local("org/name") and not custom.is_local("my_dataset")
+    ds = datasets.Dataset.from_list(
+        [
+            {"prompt": make_prompt(q), "answer": "1", "db_set": d}
+            for q, d in [("a", "x"), ("b", "gsm8k"), ("c", "x")]
+        ]
+    )
+    parts = custom.split_by_db_set(ds)
+    assert list(parts) == ["gsm8k", "x"]
+    assert [r["prompt"][1]["content"] for r in parts["x"]] == ["a", "c"]
+    assert [r["prompt"][1]["content"] for r in parts["gsm8k"]] == ["b"]

@@ -1,4 +1,4 @@
-"""The layout a reader can walk: imports run one way, scripts -> grpo -> models -> data / rewards -> kernels.
+"""The layout a reader can walk: imports run one way, scripts -> grpo -> models -> data / rewards -> logprob_kernels.
 
 Every ``import`` of a project package in a module (at the top, inside a function, or under TYPE_CHECKING)
 must point to a lower layer or to the module's own package. A leaf never imports its caller.
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Higher may import lower (and itself); never the other way. data and rewards are siblings that import
 # neither each other nor anything above them.
-LAYERS = {"scripts": 4, "grpo": 3, "models": 2, "data": 1, "rewards": 1, "kernels": 0}
+LAYERS = {"scripts": 4, "grpo": 3, "models": 2, "data": 1, "rewards": 1, "logprob_kernels": 0}
 PACKAGES = [name for name in LAYERS if name != "scripts"]
 
 
@@ -53,13 +53,13 @@ def test_every_package_is_in_a_layer():
 
 def test_the_check_finds_upward_and_sideways_imports_and_allows_downward_ones(tmp_path):
     for package, source in {
-        "kernels": "def f():\n    from grpo.loss import policy_loss\n",  # up, inside a function
-        "models": "import data.gsm8k\nimport rewards\nfrom kernels import token_logprobs\n",  # all down
+        "logprob_kernels": "def f():\n    from grpo.loss import policy_loss\n",  # up, inside a function
+        "models": "import data.gsm8k\nimport rewards\nfrom logprob_kernels import token_logprobs\n",  # down
         "data": "from rewards.answer import FULL_CREDIT\n",  # sideways between siblings
     }.items():
         (tmp_path / package).mkdir()
         (tmp_path / package / "module.py").write_text(source)
     assert upward_imports(tmp_path) == [
         "data/module.py:1: data imports rewards",
-        "kernels/module.py:2: kernels imports grpo",
+        "logprob_kernels/module.py:2: logprob_kernels imports grpo",
     ]

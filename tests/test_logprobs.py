@@ -1,4 +1,4 @@
-"""kernels.logprobs: values, gradients and entropy of every backend against a float64 reference.
+"""logprob_kernels.logprobs: values, gradients and entropy of every backend against a float64 reference.
 
 The Triton kernels run natively on CUDA and, without a GPU, under Triton's CPU interpreter. Triton
 only turns the interpreter on when TRITON_INTERPRET=1 is set before it is first imported, and other
@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.logprobs import token_entropy, token_logprobs
+from logprob_kernels.logprobs import token_entropy, token_logprobs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -38,7 +38,7 @@ TOL = {
 
 def _interpreter_active() -> bool:
     try:
-        from kernels.logprobs_triton import interpreter_active
+        from logprob_kernels.logprobs_triton import interpreter_active
     except ImportError:  # triton not installed
         return False
     return interpreter_active()
@@ -295,7 +295,7 @@ def test_minus_logit_grad_with_entropy_worked_example():
     -(d loss / d z) = p * (1 + log p + entropy) - onehot = [0.02181, -0.02181]. A uniform p instead
     (log p = -log 2 = -entropy) leaves only the logp term: p - onehot = [-0.5, 0.5].
     """
-    from kernels.logprobs_torch import _minus_logit_grad_with_entropy
+    from logprob_kernels.logprobs_torch import _minus_logit_grad_with_entropy
 
     one = torch.ones(1, dtype=torch.float64)
     entropy = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2))

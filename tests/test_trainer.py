@@ -16,7 +16,7 @@ import torch
 from grpo.config import load_config
 from grpo.loss import policy_loss, sequence_mask
 from grpo.metrics import read_metrics
-from grpo.trainer import micro_batch_weight, micro_batches, trim
+from models.forward import micro_batches, trim
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "data" / "fixtures"
@@ -44,7 +44,7 @@ def tiny_config(output_dir, *extra):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_micro_batches_sum_to_the_full_batch_loss(loss_type):
+def test_micro_batches_normalised_by_the_whole_batch_sum_to_the_full_batch_loss(loss_type):
     torch.manual_seed(0)
     n, t = 6, 5
     mask = sequence_mask(torch.tensor([5, 1, 3, 4, 2, 5]), t)
@@ -54,9 +54,12 @@ def test_micro_batches_sum_to_the_full_batch_loss(loss_type):
     kw = dict(beta=0.04, loss_type=loss_type, max_completion_length=t)
     full, _ = policy_loss(logp, old, old - 0.2, adv, mask, **kw)
     total = 0.0
-    for rows in micro_batches(n, 4):  # 4 + 2: unequal micro-batches
-        part, _ = policy_loss(logp[rows], old[rows], old[rows] - 0.2, adv[rows], mask[rows], **kw)
-        total += part * micro_batch_weight(loss_type, mask[rows], mask)
+    for rows in micro_batches(n, 4):  # 4 + 2: unequal micro-batches, each divided by the whole batch's counts
+        part, _ = policy_loss(
+            logp[rows], old[rows], old[rows] - 0.2, adv[rows], mask[rows], **kw,
+            num_sequences=n, num_tokens=mask.sum().item(),
+        )  # fmt: skip
+        total += part
     torch.testing.assert_close(total, full)
 
 
@@ -95,10 +98,14 @@ def finished_run(tmp_path_factory):
 
 
 REQUIRED = [
+    # DESIGN.md's names
     "step", "loss", "reward", "reward_std", "kl", "clip_ratio", "completion_length",
     "frac_reward_zero_std", "lr", "grad_norm", "step_time", "entropy",
-    "mismatch/logp_abs_diff", "mismatch/seq_ratio_mean", "completions/clipped_ratio",
-] + [f"rewards/{name}/mean" for name in (
+    # TRL 1.16's names for the same quantities
+    "learning_rate", "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean",
+    "clip_ratio/low_mean", "clip_ratio/high_mean", "num_tokens",
+    "sampling/sampling_logp_difference/mean", "sampling/importance_sampling_ratio/mean",
+] + [f"rewards/{name}/{stat}" for stat in ("mean", "std") for name in (
     "xmlcount_reward_func", "soft_format_reward_func", "strict_format_reward_func",
     "int_reward_func", "correctness_reward_func",
 )]  # fmt: skip
@@ -122,7 +129,7 @@ def test_run_writes_metrics_checkpoints_and_plot(finished_run):
         assert record["reward"] == pytest.approx(parts, abs=1e-5)
         assert 0 <= record["clip_ratio"] <= 1 and record["kl"] >= 0
     # the trainer's log-probs are those the HF sampler drew with (same model, same kernels)
-    assert records[0]["mismatch/logp_abs_diff"] < 1e-3
+    assert records[0]["sampling/sampling_logp_difference/mean"] < 1e-3
     assert final == out / "checkpoint-4"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "metrics.png").stat().st_size > 10_000
@@ -326,7 +333,8 @@ def test_mu_iterations_accumulation_and_micro_batches(tmp_path):
         assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
         assert (abs(second["ratio_mean"] - 1.0) > 1e-4) == (first["grad_norm"] > 0)
     assert any(r["grad_norm"] > 0 for r in records[::2])
-    assert "mismatch/logp_abs_diff" in records[0] and "mismatch/logp_abs_diff" not in records[1]
+    key = "sampling/sampling_logp_difference/mean"
+    assert key in records[0] and key not in records[1]
     state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["data_position"] == 4  # 2 rollouts x (1 prompt x 2 accumulation steps)
 

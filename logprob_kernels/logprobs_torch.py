@@ -1,4 +1,4 @@
-"""The "torch" backend of `kernels.logprobs.token_logprobs`: chunked over tokens, any device.
+"""The "torch" backend of `logprob_kernels.logprobs.token_logprobs`: chunked over tokens, any device.
 
 The forward walks the M tokens C at a time (default 128): one [C, V] float32 logits buffer, reused by every
 chunk, gives each token's log-prob and log-sum-exp (kept: one number per token). The backward rebuilds each

@@ -1,4 +1,4 @@
-"""Triton kernels for `kernels.logprobs.token_logprobs(..., backend="triton")`.
+"""Triton kernels for `logprob_kernels.logprobs.token_logprobs(..., backend="triton")`.
 
 Forward (`_logprobs_fwd_kernel`): each program owns BLOCK_M tokens and one slice of the vocabulary.
 It walks that slice one [BLOCK_M, BLOCK_V] logits tile at a time (tl.dot over BLOCK_K-wide pieces of H,
@@ -243,7 +243,7 @@ def _dot_options(dtype: torch.dtype) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Host functions (called by kernels.logprobs)
+# Host functions (called by logprob_kernels.logprobs)
 # ----------------------------------------------------------------------------------------------------
 
 

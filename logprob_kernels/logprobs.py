@@ -30,8 +30,8 @@ pass. It is detached unless `entropy_grad=True` (an entropy bonus in the loss); 
 to the logits gradient, with the same recomputed p.
 
 Backends: "naive" (the reference, first in this file: the definition every backend must equal),
-"torch" (chunked, kernels/logprobs_torch.py, any device), "triton" (fused
-kernels in kernels/logprobs_triton.py, CUDA, or CPU under TRITON_INTERPRET=1), "auto" (triton on
+"torch" (chunked, logprob_kernels/logprobs_torch.py, any device), "triton" (fused
+kernels in logprob_kernels/logprobs_triton.py, CUDA, or CPU under TRITON_INTERPRET=1), "auto" (triton on
 CUDA, torch elsewhere). docs/KERNELS.md explains the memory math and the kernels.
 """
 
@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.logprobs_torch import torch_backward, torch_forward
+from logprob_kernels.logprobs_torch import torch_backward, torch_forward
 
 BACKENDS = ("auto", "torch", "triton", "naive")
 
@@ -252,7 +252,7 @@ def _forward(backend, hidden, weight, targets, temperature, chunk_size, with_ent
     """(logp, lse, entropy or None) from the torch or triton backend."""
     if backend == "torch":
         return torch_forward(hidden, weight, targets, temperature, chunk_size, with_entropy)[:3]
-    from kernels.logprobs_triton import triton_logprobs_forward
+    from logprob_kernels.logprobs_triton import triton_logprobs_forward
 
     return triton_logprobs_forward(hidden, weight, targets, temperature, with_entropy)
 
@@ -278,7 +278,7 @@ def _backward(
     args = (hidden, weight, targets, lse, grad_logp, temperature, chunk_size, need_hidden, need_weight)
     if backend == "torch":
         return torch_backward(*args, entropy=entropy, grad_entropy=grad_entropy)
-    from kernels.logprobs_triton import triton_logprobs_backward
+    from logprob_kernels.logprobs_triton import triton_logprobs_backward
 
     return triton_logprobs_backward(*args, entropy=entropy, grad_entropy=grad_entropy)
 
@@ -288,7 +288,7 @@ class _StreamingLogprobs(torch.autograd.Function):
 
     - recompute (triton always; torch when the weight is trained or the entropy needs a gradient): save
       lse [M] (and the entropy [M] when it is differentiable) besides the inputs, and in the backward
-      rebuild each chunk's softmax from it (kernels/logprobs_torch.py docstring formula).
+      rebuild each chunk's softmax from it (logprob_kernels/logprobs_torch.py docstring formula).
     - gradient in the forward (torch with a frozen weight, the recipe's tied lm_head): logp[m] depends
       on hidden[m] only, so d loss / d hidden[m] = grad_logp[m] * dlogp_dhidden[m]. The forward computes
       dlogp_dhidden [M, H] while each chunk's softmax is in memory and the backward just scales it:

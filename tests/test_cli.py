@@ -1,0 +1,363 @@
+"""The scripts as a user meets them (issue 14 §4, §6): every error a user can cause ends scripts/train.py
+with exactly one line on stderr naming the problem, a non-zero exit status and no traceback; --help;
+--debug; a reward module in the working folder; where scripts/evaluate.py writes its report.
+
+Each bad input runs scripts/train.py in a subprocess (offline, the tiny model, the bundled fixtures) and
+fails before any training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import doctest
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "data" / "fixtures"
+TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
+EVALUATE_SCRIPT = ROOT / "scripts" / "evaluate.py"
+
+# The small run of tests/test_trainer.py (copied: this file must not depend on the trainer's tests), on the
+# random tiny model: every error here comes before a training step, so no warm-started model is needed
+# (and the random one's cache does not change when data/*.py does).
+TINY_ARGS = [
+    "--model_name_or_path", "tiny-random-qwen2",
+    "--gsm8k_data_files", str(FIXTURES / "gsm8k_{split}.jsonl"),
+    "--pubmedqa_data_files", str(FIXTURES / "pubmedqa_{split}.jsonl"),
+    "--health_benchmarks_data_files", str(FIXTURES / "health_benchmarks_*.jsonl"),
+    "--dtype", "fp32", "--sampler", "hf", "--gradient_checkpointing", "false",
+    "--lora_r", "8", "--lora_alpha", "16",
+    "--num_generations", "4", "--per_device_train_batch_size", "2",
+    "--max_prompt_length", "256", "--max_completion_length", "16",
+    "--max_steps", "2", "--save_steps", "1", "--seed", "7",
+]  # fmt: skip
+
+
+
+def run_train(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    """scripts/train.py in a subprocess, offline, without GRPO_DEBUG from the caller's environment."""
+    environment = {k: v for k, v in os.environ.items() if k != "GRPO_DEBUG"}
+    environment.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **env)
+    return subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=cwd,
+        timeout=900,
+    )
+
+
+def the_one_line(result: subprocess.CompletedProcess, status: int = 1) -> str:
+    """The single stderr line of a run that failed with ``status``; fails on a traceback or any other line
+    (a progress bar counts: str.splitlines splits at its carriage returns)."""
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert result.returncode == status, result.stderr[-3000:]
+    return lines[0]
+
+
+def tiny_run(tmp_path: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    return run_train(*TINY_ARGS, "--output_dir", str(tmp_path / "out"), *extra, **env)
+
+
+def gsm8k_files(tmp_path: Path, train_text: str) -> tuple[Path, str]:
+    """A gsm8k train file with ``train_text`` beside a good test file; (train file, the --gsm8k_data_files value)."""
+    train = tmp_path / "gsm8k_train.jsonl"
+    train.write_text(train_text)
+    shutil.copy(FIXTURES / "gsm8k_test.jsonl", tmp_path / "gsm8k_test.jsonl")
+    return train, str(tmp_path / "gsm8k_{split}.jsonl")
+
+
+GOOD_ROW = json.dumps({"question": "Q?", "answer": "1 + 1 = 2\n#### 2"})
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_a_broken_json_line(tmp_path):
+    train, pattern = gsm8k_files(tmp_path, f'{GOOD_ROW}\n{{"question": "Q?", "answer": \n{GOOD_ROW}\n')
+    line = the_one_line(tiny_run(tmp_path, "--gsm8k_data_files", pattern))
+    assert line.startswith(f"data error: gsm8k: could not read {train}: line 2: not valid JSON ("), line
+
+
+def test_an_empty_data_file(tmp_path):
+    train, pattern = gsm8k_files(tmp_path, "")
+    line = the_one_line(tiny_run(tmp_path, "--gsm8k_data_files", pattern))
+    assert line == f"data error: gsm8k: could not read {train}: the file is empty"
+
+
+def test_a_missing_data_file(tmp_path):
+    line = the_one_line(tiny_run(tmp_path, "--gsm8k_data_files", str(tmp_path / "nothing_{split}.jsonl")))
+    assert line == f"data error: gsm8k: no data file matches '{tmp_path}/nothing_train.jsonl' (split 'train')"
+
+
+def test_all_rows_bad(tmp_path):
+    bad = [{"question": "Q?", "answer": "no marker"}, {"question": "", "answer": "#### 1"}]
+    train, pattern = gsm8k_files(tmp_path, "".join(json.dumps(r) + "\n" for r in bad))
+    line = the_one_line(tiny_run(tmp_path, "--gsm8k_data_files", pattern))
+    assert line.startswith(f"data error: gsm8k: no valid row left in {train} (2 row(s) read; malformed: "), (
+        line
+    )
+    assert (
+        "no '####' line in answer: 1 (first at row 0)" in line
+        and "empty question: 1 (first at row 1)" in line
+    )
+
+
+# ---------------------------------------------------------------------------- model and LoRA
+
+
+def test_a_model_path_that_does_not_exist(tmp_path):
+    missing = tmp_path / "no_model_here"
+    line = the_one_line(tiny_run(tmp_path, "--model_name_or_path", str(missing)))
+    assert line.startswith(f"model error: model_name_or_path='{missing}': no such folder"), line
+
+
+def test_a_folder_that_is_not_a_model(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("not a model")
+    line = the_one_line(tiny_run(tmp_path, "--model_name_or_path", str(folder)))
+    assert (
+        line
+        == f"model error: model_name_or_path='{folder}': the folder {folder} has no config.json (not a model folder)"
+    )
+
+
+def test_lora_target_modules_that_the_model_does_not_have(tmp_path):
+    line = the_one_line(tiny_run(tmp_path, "--lora_target_modules", "foo_proj"))
+    assert "lora_target_modules" in line and "foo_proj" in line, line
+
+
+# ---------------------------------------------------------------------------- output folder and checkpoints
+
+
+def test_an_unwritable_output_dir(tmp_path):
+    regular_file = tmp_path / "a_file"
+    regular_file.write_text("")
+    output_dir = regular_file / "out"  # a folder cannot be made under a regular file
+    line = the_one_line(run_train(*TINY_ARGS, "--output_dir", str(output_dir)))
+    assert line.startswith(f"output_dir error: output_dir '{output_dir}' is not writable"), line
+
+
+def test_resume_latest_without_a_checkpoint(tmp_path):
+    line = the_one_line(tiny_run(tmp_path, "--resume_from_checkpoint", "latest"))
+    assert line.startswith("checkpoint error: resume_from_checkpoint='latest': no checkpoint-<step>/ in "), (
+        line
+    )
+    assert str(tmp_path / "out") in line
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty folder"])
+def test_a_bad_resume_path(tmp_path, kind):
+    path = tmp_path / "checkpoint-3"
+    if kind == "empty folder":
+        path.mkdir()
+    line = the_one_line(tiny_run(tmp_path, "--resume_from_checkpoint", str(path)))
+    assert line.startswith(f"checkpoint error: resume_from_checkpoint='{path}': {path}"), line
+    assert ("no such checkpoint folder" in line) == (kind == "missing")
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("value", ["inf", "1e30"])
+def test_a_learning_rate_that_is_not_finite_or_absurd(tmp_path, value):
+    line = the_one_line(tiny_run(tmp_path, "--learning_rate", value), status=2)
+    assert line.startswith(f"config error: learning_rate={float(value)!r}: "), line
+
+
+def test_no_arguments_prints_how_to_start_and_loads_nothing():
+    result = run_train()
+    line = the_one_line(result, status=2)
+    assert line.startswith("train.py: no arguments; usage: train.py --config FILE [--field value ...]"), line
+    assert "python scripts/train.py --config scripts/configs/tiny-cpu.yaml" in line
+    assert result.stdout == ""  # nothing started: no device line, no model
+    assert the_one_line(run_train("--debug"), status=2) == line  # --debug alone is no arguments either
+
+
+# ---------------------------------------------------------------------------- --help, --debug, the working folder
+
+
+def test_help_shows_the_description_the_config_flag_and_every_field():
+    result = run_train("--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert text.startswith("usage: train.py --config FILE [--field value ...] [--debug]")
+    assert "Fine-tune a language model with GRPO (Group Relative Policy Optimization" in text
+    assert "--config FILE a YAML file of field: value pairs" in text
+    assert "--debug show the traceback of an error instead of one line" in text
+    from grpo.config import GRPOConfig
+
+    for field in dataclasses.fields(GRPOConfig):
+        assert f"--{field.name}" in text, field.name
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_debug_shows_the_traceback(tmp_path, how):
+    missing = str(tmp_path / "no_model_here")
+    if how == "flag":
+        result = run_train(
+            *TINY_ARGS, "--model_name_or_path", missing, "--debug", "--output_dir", str(tmp_path)
+        )
+    else:
+        result = run_train(
+            *TINY_ARGS, "--model_name_or_path", missing, "--output_dir", str(tmp_path), GRPO_DEBUG="1"
+        )
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert f"models.policy.ModelLoadError: model_name_or_path='{missing}'" in result.stderr
+
+
+def test_a_reward_module_in_the_working_folder_imports(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(
+        "def always_one(completions, **columns):\n    return [1.0] * len(completions)\n"
+    )
+    args = [
+        *TINY_ARGS,
+        "--reward_funcs",
+        "my_rewards:always_one",
+        "--model_name_or_path",
+        str(tmp_path / "none"),
+    ]
+    # from the folder that holds it, the config accepts the function and the run gets as far as the model
+    line = the_one_line(run_train(*args, "--output_dir", str(tmp_path / "out"), cwd=tmp_path))
+    assert line.startswith("model error: "), line
+    # from anywhere else, the same config cannot import it
+    line = the_one_line(run_train(*args, "--output_dir", str(tmp_path / "out")), status=2)
+    assert line.startswith("config error: reward_funcs=") and "my_rewards" in line, line
+
+
+# ---------------------------------------------------------------------------- train.py's error table (in process)
+
+
+def load_script(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train_cli():
+    return load_script(TRAIN_SCRIPT, "train_cli")
+
+
+def test_train_script_docstring_examples(train_cli):
+    assert doctest.testmod(train_cli).failed == 0
+
+
+def test_every_listed_error_class_exists(train_cli):
+    for module_name, class_name, label, status in train_cli.EXPECTED_ERRORS:
+        error_class = getattr(importlib.import_module(module_name), class_name)
+        assert issubclass(error_class, Exception), (module_name, class_name)
+        assert status in (1, 2, 130) and label
+    listed = [c for _, c, _, _ in train_cli.EXPECTED_ERRORS]
+    # a subclass is listed before its base class, or the base's words would be printed for it
+    assert listed.index("OutputDirError") < listed.index("CheckpointError")
+
+
+def test_each_error_type_gets_its_words_and_status(train_cli):
+    from data.common import DataError
+    from grpo.checkpoint import CheckpointError, OutputDirError
+    from grpo.config import ConfigError
+    from models.policy import ModelLoadError
+
+    expected = train_cli.expected_error
+    assert expected(ConfigError("lora_r=0: must be > 0")) == ("config error: lora_r=0: must be > 0", 2)
+    assert expected(DataError("gsm8k: x\n  y")) == ("data error: gsm8k: x y", 1)
+    assert expected(ModelLoadError("m", "gone")) == ("model error: model_name_or_path='m': gone", 1)
+    assert expected(OutputDirError("output_dir 'o' is not writable")) == (
+        "output_dir error: output_dir 'o' is not writable",
+        1,
+    )
+    assert expected(CheckpointError("c: missing")) == ("checkpoint error: c: missing", 1)
+    assert expected(KeyboardInterrupt()) == ("interrupted (Ctrl-C): stopped at once, without saving", 130)
+    assert expected(RuntimeError("a bug")) is None and expected(ValueError("a bug")) is None
+
+
+def test_ctrl_c_is_one_line_and_status_130_and_a_bug_keeps_its_traceback(train_cli, monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "load_config", interrupted)
+    assert train_cli.main(["--max_steps", "1"]) == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C): stopped at once, without saving\n"
+
+    def bug(argv):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(train_cli, "load_config", bug)
+    with pytest.raises(ZeroDivisionError):
+        train_cli.main(["--max_steps", "1"])
+
+
+# ---------------------------------------------------------------------------- scripts/evaluate.py
+
+
+@pytest.fixture(scope="module")
+def evaluate_cli():
+    return load_script(EVALUATE_SCRIPT, "evaluate_cli")
+
+
+def test_evaluate_help_lists_the_sources_and_their_default(evaluate_cli, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    names = ", ".join(evaluate_cli.SOURCES)
+    assert names == "gsm8k, pubmedqa, health_benchmarks, medqa, medmcqa, mmlu_medical"
+    assert f"sources to score, any of: {names} (default: gsm8k pubmedqa health_benchmarks)" in text
+    assert "(default: <adapter>/evaluation.json;" in text
+
+
+def test_evaluate_report_goes_beside_the_adapter_or_under_outputs(evaluate_cli):
+    where = evaluate_cli.default_output_path
+    assert where("o/checkpoint-9", None, "M") == Path("o/checkpoint-9/evaluation.json")
+    assert where(None, ["base", "o/checkpoint-9"], "M") == Path("o/checkpoint-9/evaluation_vs_base.json")
+    assert where(None, ["o/checkpoint-9", "base"], "M") == Path("o/checkpoint-9/evaluation_vs_base.json")
+    assert where(None, ["o/checkpoint-3", "o/checkpoint-9"], "M") == Path(
+        "o/checkpoint-9/evaluation_vs_checkpoint-3.json"
+    )
+    assert where(None, None, "Qwen/Qwen2.5-3B-Instruct") == Path(
+        "outputs/evaluation_Qwen2.5-3B-Instruct.json"
+    )
+    assert where(None, None, "/models/local/") == Path("outputs/evaluation_local.json")
+    assert doctest.testmod(evaluate_cli).failed == 0
+
+
+def fake_adapter(folder: Path) -> str:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]})
+    )
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    return str(folder)
+
+
+@pytest.mark.parametrize("how", ["adapter", "base"])
+def test_evaluate_writes_no_report_into_the_working_folder(evaluate_cli, tmp_path, monkeypatch, how):
+    """main() with the evaluation itself replaced: only where the report lands is under test."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluate_cli, "run", lambda args, rest, argv: {"model": "org/Some-Model", "all": {}})
+    adapter = fake_adapter(tmp_path / "run" / "checkpoint-4")
+    argv = ["--adapter", adapter] if how == "adapter" else ["--model", "org/Some-Model"]
+    assert evaluate_cli.main(argv) == 0
+    report = (
+        Path(adapter) / "evaluation.json"
+        if how == "adapter"
+        else tmp_path / "outputs" / "evaluation_Some-Model.json"
+    )
+    assert json.loads(report.read_text()) == {"model": "org/Some-Model", "all": {}}
+    assert not (tmp_path / "evaluation.json").exists()
