@@ -108,7 +108,9 @@ def build_train_dataset(config: Any, tokenizer) -> MixtureStream:
     config: uses dataset_mixture, seed, max_prompt_length, pubmedqa_max_context_chars and the three
     ``*_data_files``.
     """
-    if config.dataset_name:  # a user's own dataset replaces the three built-in sources (dataset_mixture unused)
+    if (
+        config.dataset_name
+    ):  # a user's own dataset replaces the three built-in sources (dataset_mixture unused)
         return _custom_stream(config, tokenizer)
     probabilities = dict(zip(SOURCES, config.dataset_mixture, strict=True))
     sources: dict[str, datasets.Dataset] = {}

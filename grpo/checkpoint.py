@@ -1,5 +1,4 @@
-"""Checkpoints that a kill can never break, that cannot run code, that say when they are damaged, and
-an output folder that a new run cannot silently take over.
+"""Checkpoints that a kill can never break, that cannot run code, and that say when they are damaged.
 
 ``output_dir/checkpoint-<step>/`` holds:
 
@@ -30,17 +29,20 @@ plain containers and refuses any other pickled object, so a tampered file cannot
 
 Every problem is one ``CheckpointError`` whose message names the file and what is wrong; the CLI prints it
 as one line.
+
+The output folder around the checkpoints (finding and rotating them, refusing to overwrite another run,
+checking that a resumed run is the same run) is grpo/run_folder.py's, and so are ``CheckpointError`` and
+``OutputDirError`` (both modules raise them). Those names are re-exported here, so
+``from grpo.checkpoint import check_output_dir, CheckpointError`` keeps working.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import pickle
 import random
-import re
 import shutil
 import struct
 import zipfile
@@ -51,11 +53,38 @@ from typing import Any
 
 import torch
 
+from grpo.run_folder import (
+    CHECKPOINT_NAME_RE,
+    PROMPTS_PER_STEP,
+    RESUMABLE_FIELDS,
+    RUN_OUTPUTS,
+    TRAINER_STATE,
+    CheckpointError,
+    OutputDirError,
+    check_output_dir,
+    check_resume_config,
+    checkpoint_dirs,
+    config_defaults,
+    config_differences,
+    error_line,
+    remove_incomplete_checkpoints,
+    rotate_checkpoints,
+    run_outputs,
+    step_folders,
+)
 from models.policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_INCOMPLETE_RE = re.compile(r"^checkpoint-(\d+)\.tmp$")
-TRAINER_STATE = "trainer_state.json"
+__all__ = [
+    # checkpoints: this module
+    "MANIFEST", "MANIFEST_FORMAT", "OPTIMIZER", "REQUIRED_FILES", "SCHEDULER", "TRAINER_STATE",
+    "has_manifest", "load_checkpoint", "read_trainer_state", "resolve_checkpoint",
+    "rng_file_name", "save_checkpoint", "verify_checkpoint", "write_manifest",
+    # the output folder: grpo/run_folder.py's, re-exported so that imports from grpo.checkpoint keep working
+    "CheckpointError", "OutputDirError", "PROMPTS_PER_STEP", "RESUMABLE_FIELDS", "RUN_OUTPUTS",
+    "check_output_dir", "check_resume_config", "checkpoint_dirs", "config_defaults", "config_differences",
+    "remove_incomplete_checkpoints", "rotate_checkpoints", "run_outputs",
+]  # fmt: skip
+
 MANIFEST = "checkpoint_manifest.json"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
@@ -64,77 +93,8 @@ MANIFEST_FORMAT = 1
 REQUIRED_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER, SCHEDULER, TRAINER_STATE, "rng_state_0.pt")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or output folder cannot be used; the message names the file and what is wrong.
-
-    ``file`` is the path of the file (or folder) at fault, when there is one.
-    """
-
-    def __init__(self, message: str, file: str | os.PathLike | None = None):
-        super().__init__(message)
-        self.file = None if file is None else Path(file)
-
-
-class OutputDirError(CheckpointError):
-    """output_dir cannot be written, or holds another run that a fresh run would overwrite."""
-
-
 def rng_file_name(rank: int) -> str:
     return f"rng_state_{rank}.pt"
-
-
-# ============================================================================ finding checkpoints
-
-
-def _step_folders(output_dir: str | os.PathLike) -> list[Path]:
-    """Every ``checkpoint-<step>/`` folder in output_dir (complete or not), by step, oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()
-    ]
-    return [p for _, p in sorted(found)]
-
-
-def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in output_dir, oldest first (``.tmp`` folders are incomplete: skipped)."""
-    return [p for p in _step_folders(output_dir) if (p / TRAINER_STATE).is_file()]
-
-
-def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete the ``checkpoint-<step>.tmp`` folders a killed save left behind; return what was removed."""
-    root = Path(output_dir)
-    stale = sorted(root.glob("checkpoint-*.tmp")) if root.is_dir() else []
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return stale
-
-
-def rotate_checkpoints(
-    output_dir: str | os.PathLike, save_total_limit: int | None, keep: str | os.PathLike | None = None
-) -> list[Path]:
-    """Delete the oldest complete checkpoints so that at most ``save_total_limit`` remain (HF semantics).
-
-    ``keep`` (the checkpoint just written) is never deleted, even when its step is not the highest (a
-    resume from an older checkpoint re-writes a lower step): it counts as the newest. None or a limit
-    <= 0 keeps everything. Only complete ``checkpoint-<step>/`` folders are counted and deleted.
-    Call it on the main process only. Returns the deleted folders, oldest first.
-
-    Example: checkpoint-2, -4, -6, -8 with limit 2 -> deletes 2 and 4; with keep=checkpoint-4 -> deletes
-    2 and 6 (4 and 8 remain).
-    """
-    if not save_total_limit or save_total_limit <= 0:
-        return []
-    complete = checkpoint_dirs(output_dir)
-    if keep is not None:
-        kept = Path(keep).resolve()
-        others = [p for p in complete if p.resolve() != kept]
-        complete = others + [p for p in complete if p.resolve() == kept]
-    doomed = complete[: max(0, len(complete) - save_total_limit)]
-    for path in doomed:
-        shutil.rmtree(path)
-    return sorted(doomed, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
 
 
 # ============================================================================ manifest and verification
@@ -183,7 +143,7 @@ def _read_json_object(file: Path) -> dict[str, Any]:
     try:
         value = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{file}: unreadable JSON ({_first_line(err)})", file) from err
+        raise CheckpointError(f"{file}: unreadable JSON ({error_line(err)})", file) from err
     if not isinstance(value, dict):
         raise CheckpointError(f"{file}: expected a JSON object, found {type(value).__name__}", file)
     return value
@@ -198,7 +158,7 @@ def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     step = state.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{file}: 'step' is {step!r}, expected a non-negative integer", file)
-    if (m := _CHECKPOINT_RE.match(path.name)) and int(m.group(1)) != step:
+    if (m := CHECKPOINT_NAME_RE.match(path.name)) and int(m.group(1)) != step:
         raise CheckpointError(f"{file}: step {step} but the folder is {path.name}", file)
     return state
 
@@ -247,15 +207,13 @@ def _check_safetensors(file: Path) -> None:
         try:
             header = json.loads(fh.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(
-                f"{file}: unreadable safetensors header ({_first_line(err)})", file
-            ) from err
+            raise CheckpointError(f"{file}: unreadable safetensors header ({error_line(err)})", file) from err
     try:
         data_end = max(
             (int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0
         )
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{file}: unreadable safetensors header ({_first_line(err)})", file) from err
+        raise CheckpointError(f"{file}: unreadable safetensors header ({error_line(err)})", file) from err
     if size != 8 + header_len + data_end:
         raise CheckpointError(
             f"{file}: {size} bytes, its header describes {8 + header_len + data_end} (truncated?)", file
@@ -268,9 +226,7 @@ def _check_torch_archive(file: Path) -> None:
         with zipfile.ZipFile(file) as archive:
             bad_member = archive.testzip()
     except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise CheckpointError(
-            f"{file}: not a complete torch.save archive ({_first_line(err)})", file
-        ) from err
+        raise CheckpointError(f"{file}: not a complete torch.save archive ({error_line(err)})", file) from err
     if bad_member is not None:
         raise CheckpointError(f"{file}: CRC error in {bad_member} (damaged)", file)
 
@@ -320,7 +276,7 @@ def resolve_checkpoint(
     """
     say = warn or (lambda message: None)
     if spec == "latest":
-        found = _step_folders(output_dir)
+        found = step_folders(output_dir)
         if not found:
             raise CheckpointError(
                 f"resume_from_checkpoint='latest': no checkpoint-<step>/ in {output_dir} "
@@ -415,11 +371,6 @@ def save_checkpoint(
     return final
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
 @contextmanager
 def _reading(file: Path, what: str) -> Iterator[None]:
     """Turn any failure while reading or applying file into one CheckpointError that names it."""
@@ -436,7 +387,7 @@ def _reading(file: Path, what: str) -> Iterator[None]:
             file,
         ) from err
     except Exception as err:
-        raise CheckpointError(f"{file}: {what} ({_first_line(err)})", file) from err
+        raise CheckpointError(f"{file}: {what} ({error_line(err)})", file) from err
 
 
 def _torch_load(file: Path) -> Any:
@@ -476,206 +427,3 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, accele
         with _reading(rng_file, "is not an RNG state"):
             _set_rng_state(rng_state)
     return trainer_state
-
-
-# ============================================================================ the output folder
-
-# What a run writes into output_dir besides its checkpoints; --overwrite_output_dir deletes only these
-# (and checkpoint-<step>/, checkpoint-<step>.tmp/), never other files a user keeps there.
-RUN_OUTPUTS = ("metrics.jsonl", "metrics.png", "runs")
-
-
-def run_outputs(output_dir: str | os.PathLike) -> list[Path]:
-    """An earlier run's files and folders in output_dir: checkpoints (complete or not) and RUN_OUTPUTS."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    checkpoints = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and (_CHECKPOINT_RE.match(p.name) or _INCOMPLETE_RE.match(p.name))
-    ]
-    others = [root / name for name in RUN_OUTPUTS if (root / name).exists()]
-    return sorted(checkpoints) + others
-
-
-def check_output_dir(
-    output_dir: str | os.PathLike, overwrite_output_dir: bool, resuming: bool, is_main_process: bool = True
-) -> list[Path]:
-    """Make sure a run may write into output_dir, before any model is loaded. Returns what was deleted.
-
-    1. The folder is created if needed and must be writable (a probe file is written and deleted):
-       OutputDirError naming output_dir if not.
-    2. A fresh run (not ``resuming``) in a folder that holds an earlier run's checkpoints or metrics.jsonl
-       is refused (OutputDirError saying both ways out), unless ``overwrite_output_dir``: then the
-       earlier run's outputs (``run_outputs``) are deleted, by the main process only.
-    A resumed run deletes nothing, even with overwrite_output_dir: it needs those checkpoints.
-    Call it on every process (they all see the same folder, so they all raise alike), then wait.
-    """
-    root = Path(output_dir)
-    probe = root / f".write_probe_{os.getpid()}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise OutputDirError(f"output_dir {str(root)!r} is not writable ({_first_line(err)})", root) from err
-    if resuming:
-        return []
-    earlier = run_outputs(root)
-    if not any(p.name == "metrics.jsonl" or p.name.startswith("checkpoint-") for p in earlier):
-        return []  # a plot or a tensorboard folder alone is no run to lose
-    if not overwrite_output_dir:
-        shown = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
-        raise OutputDirError(
-            f"output_dir {str(root)!r} already holds a run ({shown}); continue it with "
-            "--resume_from_checkpoint latest, or start over with --overwrite_output_dir true "
-            "(deletes those), or choose another --output_dir",
-            root,
-        )
-    if is_main_process:
-        for path in earlier:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return earlier
-
-
-# ============================================================================ resuming the same run
-
-# The config fields that MAY differ between a checkpoint and the run that resumes it. Every other field
-# defines the run (model, LoRA, data, sampling, GRPO math, rewards, optimiser, seed): an allow-list, so a
-# field added later is defining until someone decides otherwise.
-RESUMABLE_FIELDS = frozenset(
-    {
-        # how long and where
-        "max_steps", "output_dir", "resume_from_checkpoint", "overwrite_output_dir",
-        # what is logged, saved and evaluated along the way
-        "logging_steps", "logging_first_step", "log_completions", "num_completions_to_print",
-        "save_steps", "save_total_limit", "eval_steps", "eval_size", "report_to", "run_name",
-        "debug", "disable_tqdm",
-        # how the same computation is carried out (memory, speed, engine): the objective is unchanged
-        "sampler", "logprob_backend", "gradient_checkpointing", "train_micro_batch_size",
-        "vllm_gpu_memory_utilization", "vllm_max_model_len", "max_nonfinite_updates",
-        # compared as one product, prompts per optimiser step, when both process counts are known
-        "per_device_train_batch_size", "gradient_accumulation_steps",
-    }
-)  # fmt: skip
-# the one derived quantity: the number of processes does not change the math, the global batch does
-PROMPTS_PER_STEP = "prompts_per_step"
-_BATCH_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps")
-
-
-def config_defaults() -> dict[str, Any]:
-    """The default value of every GRPOConfig field (JSON form), without building or validating a config."""
-    from grpo.config import GRPOConfig
-
-    defaults = {}
-    for f in dataclasses.fields(GRPOConfig):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-    return _as_json(defaults)
-
-
-def _as_json(value: Any) -> Any:
-    """The value as it reads back from trainer_state.json (tuples -> lists), so both sides compare alike."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def _prompts_per_step(config: dict[str, Any], num_processes: int) -> int | None:
-    try:
-        return (
-            int(config["per_device_train_batch_size"])
-            * int(config.get("gradient_accumulation_steps", 1))
-            * num_processes
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def config_differences(
-    saved: dict[str, Any],
-    current: dict[str, Any],
-    defaults: dict[str, Any] | None = None,
-    *,
-    saved_num_processes: int | None = None,
-    current_num_processes: int | None = None,
-) -> list[str]:
-    """The fields that define the run and differ between the checkpoint's config and the current one.
-
-    A field differs unless it is in RESUMABLE_FIELDS, or both values are equal (compared as JSON reads
-    them back: 1 == 1.0, a tuple equals its list). A field the checkpoint does not have (added to the
-    config since) differs only if its current value is not its default (``defaults``, GRPOConfig's when
-    None): the default must keep the old behaviour. A field only the checkpoint has (since removed)
-    is ignored: the current code cannot act on it.
-    With both process counts, per_device_train_batch_size x gradient_accumulation_steps x processes is
-    compared as ``prompts_per_step`` (6 x 1 x 1 == 3 x 1 x 2: the same run); without them (a checkpoint
-    of the previous version), the two fields are compared one by one.
-
-    Example: saved {"seed": 7, "lora_r": 8, "max_steps": 4}, current {"seed": 1, "lora_r": 8,
-    "max_steps": 40} -> ["seed"].
-    """
-    saved, current = _as_json(saved), _as_json(current)
-    defaults = config_defaults() if defaults is None else _as_json(defaults)
-    by_product = saved_num_processes is not None and current_num_processes is not None
-    differing = []
-    for name, value in current.items():
-        if name in RESUMABLE_FIELDS and (by_product or name not in _BATCH_FIELDS):
-            continue
-        if name in saved:
-            if saved[name] != value:
-                differing.append(name)
-        elif name not in defaults or defaults[name] != value:
-            differing.append(name)
-    if by_product and _prompts_per_step(saved, saved_num_processes) != _prompts_per_step(
-        current, current_num_processes
-    ):
-        differing.append(PROMPTS_PER_STEP)
-    return differing
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def check_resume_config(
-    checkpoint: str | os.PathLike,
-    saved_state: dict[str, Any],
-    current: dict[str, Any],
-    num_processes: int | None = None,
-) -> None:
-    """CheckpointError naming each field (checkpoint value -> current value) when the checkpoint belongs to
-    a run defined differently (``config_differences``). ``saved_state`` is the checkpoint's trainer_state."""
-    saved = saved_state.get("config")
-    if not isinstance(saved, dict):
-        file = Path(checkpoint) / TRAINER_STATE
-        raise CheckpointError(f"{file}: has no 'config' to compare this run with", file)
-    saved_processes = saved_state.get("num_processes")
-    differing = config_differences(
-        saved,
-        current,
-        saved_num_processes=saved_processes,
-        current_num_processes=num_processes if saved_processes is not None else None,
-    )
-    if not differing:
-        return
-    parts = []
-    for name in differing:
-        if name == PROMPTS_PER_STEP:
-            before = _prompts_per_step(_as_json(saved), saved_processes)
-            after = _prompts_per_step(_as_json(current), num_processes)
-            parts.append(
-                f"prompts per step (per_device_train_batch_size x gradient_accumulation_steps x processes) "
-                f"{before} -> {after}"
-            )
-        elif name in saved:
-            parts.append(f"{name} {_short(saved[name])} -> {_short(current[name])}")
-        else:
-            parts.append(f"{name} (not in the checkpoint) -> {_short(current[name])}")
-    raise CheckpointError(
-        f"cannot resume from {checkpoint}: it belongs to a run defined differently: {'; '.join(parts)}. "
-        "Put those values back to continue it, or start a new run (another --output_dir, or "
-        "--overwrite_output_dir true without --resume_from_checkpoint)",
-        checkpoint,
-    )

@@ -11,32 +11,56 @@ Per token (DeepSeekMath eq. 3, with DAPO's asymmetric clip range)::
     loss_t = -surr + beta * KL_t(pi_theta || pi_ref)
 
 then ``aggregate`` turns the [N, T] token losses into a scalar. The rest of the family changes one
-piece of this at a time, each piece a function below, chosen by name in ``policy_loss``:
+piece of this at a time, each piece a function of its own, chosen by name in ``policy_loss``:
 
 - the ratio: per token, or one per sequence (GSPO, ``log_importance_weights``);
 - the surrogate: PPO's clip (optionally capped by ``delta`` and ``dual_clip``), CISPO's clipped
-  stop-gradient weight, SAPO's soft gate, VESPO's gamma weight, GMPO's geometric mean;
+  stop-gradient weight, SAPO's soft gate, VESPO's gamma weight, GMPO's geometric mean
+  (grpo/surrogates.py);
 - which tokens count: the high-entropy tokens only (``high_entropy_mask``), sequences that are not
   too off-policy (``off_policy_sequence_mask``), the sampler-mismatch weights
-  (``sampler_importance_weights``);
+  (``sampler_importance_weights``), all in grpo/corrections.py;
 - the aggregation (``aggregate``): per-sequence token means, token means, a constant denominator;
-- an entropy bonus (``entropy_bonus``) with TRL's adaptive coefficient (``adaptive_entropy_coef``).
+- an entropy bonus (``entropy_bonus``) with TRL's adaptive coefficient (``adaptive_entropy_coef``,
+  grpo/corrections.py).
+
+This file assembles the objective: the ratio, the KL, the aggregation, ``policy_loss`` and its
+metrics. The names of grpo/surrogates.py and grpo/corrections.py are re-exported here, so
+``from grpo.loss import sampler_importance_weights`` keeps working (DESIGN.md's contract).
 
 docs/OBJECTIVES.md has the table of all of them with their papers and config fields.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+# grpo/corrections.py: the weights and masks applied on top of the objective. Re-exported (not used here):
+# the trainer, grpo/metrics.py and DESIGN.md's contract import them from grpo.loss.
+from grpo.corrections import (  # noqa: F401
+    SAMPLER_IS_MODES,
+    adaptive_entropy_coef,
+    entropy_bonus_applies,
+    entropy_threshold,
+    high_entropy_mask,
+    importance_sampling_metrics,
+    off_policy_sequence_mask,
+    sampler_importance_weights,
+)
+from grpo.surrogates import (
+    cispo_surrogate,
+    clipped_surrogate,
+    dual_clip,
+    gmpo_surrogate,
+    sapo_surrogate,
+    vespo_gamma_weights,
+)
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "gmpo")
 # loss types whose surrogate is PPO's clipped ratio (the ones delta and clip_ratio_c apply to)
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 # metrics of policy_loss that are means over the ratio's unit: tokens, or sequences at sequence level
 RATIO_METRICS = (
     "ratio_mean",
@@ -111,155 +135,6 @@ def log_importance_weights(
         summed = torch.where(mask.bool(), log_ratio, torch.zeros_like(log_ratio)).sum(dim=1, keepdim=True)
         return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
     raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {level!r}")
-
-
-# ----------------------------------------------------------------------------- the surrogates
-
-
-def clipped_surrogate(
-    ratio: torch.Tensor,
-    advantages: torch.Tensor,
-    eps_low: float,
-    eps_high: float,
-    delta: float | None = None,
-) -> torch.Tensor:
-    """PPO's pessimistic surrogate per token: min(ratio * A, clamp(ratio, 1-eps_low, 1+eps_high) * A).
-
-    ratio: [N, T] (or [N, 1] at sequence level); advantages: [N] (broadcast over the tokens of each
-    sequence). Returns ratio's shape. The min makes the clip one-sided: with A > 0 the gradient stops
-    once ratio > 1 + eps_high, with A < 0 once ratio < 1 - eps_low; moving back towards 1 is never
-    clipped. ``delta`` (INTELLECT-2, arXiv 2505.07291) also caps the unclipped ratio at delta, so a
-    token with A < 0 and a huge ratio cannot produce a huge loss: min(min(ratio, delta) * A, ...).
-
-    Example: ratio 1.5, A = +1, eps 0.2 -> min(1.5, 1.2) = 1.2 (clipped, no gradient);
-    ratio 1.5, A = -1 -> min(-1.5, -1.2) = -1.5 (not clipped: the update is pushed back);
-    ratio 5.0, A = -1, delta 4 -> min(-4, -1.2) = -4 (capped, no gradient).
-    """
-    adv = advantages[:, None]
-    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
-    return torch.minimum(unclipped * adv, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
-
-
-def dual_clip(per_token_loss: torch.Tensor, advantages: torch.Tensor, clip_ratio_c: float) -> torch.Tensor:
-    """Dual-clip PPO (arXiv 1912.09729, verl's clip_ratio_c): cap the loss of A < 0 tokens at -c * A.
-
-    per_token_loss: [N, T] (or [N, 1]) = -clipped surrogate; advantages: [N]. Returns the same shape:
-
-        loss = min(loss, -c * A)   where A < 0,   loss unchanged where A >= 0
-
-    With A < 0 PPO's min leaves large ratios unclipped (loss = -ratio * A grows without bound); the
-    second clip stops the gradient once ratio > c. c must be > 1 (verl asserts the same).
-
-    Example: A = -1, c = 3: ratio 5 -> PPO loss 5, dual clip min(5, 3) = 3 (no gradient);
-    ratio 2 -> loss 2 (unchanged); A = +1 is never touched.
-    """
-    adv = advantages[:, None]
-    return torch.where(adv < 0, torch.minimum(per_token_loss, -clip_ratio_c * adv), per_token_loss)
-
-
-def cispo_surrogate(
-    ratio: torch.Tensor, advantages: torch.Tensor, logp: torch.Tensor, eps_max: float
-) -> torch.Tensor:
-    """CISPO (MiniMax-M1, arXiv 2506.13585; ScaleRL, arXiv 2510.13786): sg(min(ratio, eps_max)) * A * logp.
-
-    ratio: [N, T] or [N, 1]; advantages: [N]; logp: [N, T]. Returns [N, T]. The IS weight is capped and
-    detached, so its gradient is sg(w) * A * grad(logp): unlike PPO's clip no token ever loses its
-    gradient, a large ratio only stops growing its weight. eps_max is TRL's ``epsilon_high`` used as
-    the cap itself (not 1 + epsilon_high); ScaleRL recommends 5.0.
-
-    Example: ratio 7, eps_max 5, A = +1, logp -0.5 -> 5 * 1 * -0.5 = -2.5, d/d logp = 5 (not 0).
-    """
-    weight = torch.clamp(ratio, max=eps_max).detach()
-    return weight * advantages[:, None] * logp
-
-
-def sapo_surrogate(
-    ratio: torch.Tensor, advantages: torch.Tensor, temperature_pos: float = 1.0, temperature_neg: float = 1.05
-) -> torch.Tensor:
-    """SAPO's soft gate (arXiv 2511.20347): sigmoid(tau * (ratio - 1)) * 4 / tau * A.
-
-    ratio: [N, T] or [N, 1]; advantages: [N]. Returns ratio's shape. tau = temperature_pos where A > 0,
-    temperature_neg elsewhere. At ratio 1 the gate's slope is 1 (the plain policy gradient); as the ratio
-    moves away it fades smoothly instead of PPO's hard cut-off.
-
-    Example: A = +1, tau 1: ratio 1 -> 4 * sigmoid(0) = 2.0 with slope 1.0; ratio 3 ->
-    4 * sigmoid(2) = 3.5232 with slope 4 * s * (1 - s) = 0.4200 (PPO's clip would give 0).
-    """
-    adv = advantages[:, None]
-    temperature = torch.where(
-        adv > 0, torch.full_like(adv, temperature_pos), torch.full_like(adv, temperature_neg)
-    )
-    return torch.sigmoid(temperature * (ratio - 1.0)) * 4.0 / temperature * adv
-
-
-@torch.no_grad()
-def vespo_gamma_weights(
-    advantages: torch.Tensor,
-    log_ratio: torch.Tensor,
-    mask: torch.Tensor,
-    is_weights: torch.Tensor | None = None,
-    k_pos: float = 2.0,
-    lambda_pos: float = 3.0,
-    k_neg: float = 3.0,
-    lambda_neg: float = 2.0,
-) -> torch.Tensor:
-    """VESPO's gamma weight of each sequence (arXiv 2602.10693; TRL ``get_gamma_weights``), no grad.
-
-    advantages: [N]; log_ratio: [N, T] = logp - old_logp per token; mask: [N, T]; is_weights: [N, T]
-    sampler-mismatch weights (optional). Returns phi [N, 1]:
-
-        log w  = clamp(sum_t mask * clamp(log_ratio, -20, 20) + sum_t mask * log(is_w), log 1e-8, 20)
-        phi(w) = exp(lambda + k * log w - lambda * w)      (= w^k e^(lambda (1 - w)), phi(1) = 1)
-
-    with (k, lambda) = (k_pos, lambda_pos) where A >= 0, else (k_neg, lambda_neg). The loss is
-    -phi * A * logp: phi only scales the gradient, down-weighting sequences whose ratio is far from 1.
-    log(is_w) is clamped to [log 1e-8, 20] before the sum, as TRL does.
-
-    Example: w = 1 -> phi = 1; w = 2 with A > 0 (k 2, lambda 3): log phi = 3 + 2 ln 2 - 6 = -1.6137,
-    phi = 0.1991; w = 0.5: log phi = 3 - 2 ln 2 - 1.5 = 0.1137, phi = 1.1204 (the peak is at w = k/lambda).
-    """
-    lower = math.log(1e-8)
-    keep = mask.bool()
-    log_ratio = torch.where(keep, torch.clamp(log_ratio, -20.0, 20.0), torch.zeros_like(log_ratio))
-    seq_log_ratio = log_ratio.sum(dim=1, keepdim=True)
-    if is_weights is not None:
-        log_is = torch.clamp(torch.log(is_weights), lower, 20.0)
-        log_is = torch.where(keep, log_is, torch.zeros_like(log_is))
-        seq_log_ratio = seq_log_ratio + log_is.sum(dim=1, keepdim=True)
-    log_w = torch.clamp(seq_log_ratio, lower, 20.0)
-    nonneg = advantages[:, None] >= 0
-    k = torch.where(nonneg, torch.full_like(log_w, k_pos), torch.full_like(log_w, k_neg))
-    lam = torch.where(nonneg, torch.full_like(log_w, lambda_pos), torch.full_like(log_w, lambda_neg))
-    lam = lam.clamp(min=1e-4)
-    log_phi = lam + k * log_w - lam * torch.exp(log_w)
-    return torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def gmpo_surrogate(
-    log_ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float
-) -> torch.Tensor:
-    """GMPO (arXiv 2507.20673; verl ``compute_policy_loss_geo_mean``): A * geometric mean of clipped ratios.
-
-    log_ratio: [N, T] = logp - old_logp; advantages: [N]; mask: [N, T]. Returns [N, 1]:
-
-        l_t = sign(A) * min(sign(A) * l_t, sign(A) * clamp(l_t, -eps_low, eps_high))   (PPO's one-sided clip)
-        surr_i = A_i * exp(sum_t mask * l_t / |y_i|)                                 (0 for an empty y_i)
-
-    The clip acts on the LOG-ratio (verl uses clip_ratio_low/high that way; the GMPO paper uses 0.4,
-    i.e. ratios in (e^-0.4, e^0.4)). A geometric mean is less swayed by one outlier token than the
-    arithmetic mean of GRPO's per-token ratios.
-
-    Example: log ratios [[0.1, 0.6]], eps 0.4: A = +1 -> clipped [0.1, 0.4], mean 0.25,
-    surr = exp(0.25) = 1.2840 (the 0.6 token gets no gradient); A = -1 -> only the lower bound acts,
-    [0.1, 0.6] stay, surr = -exp(0.35) = -1.4191.
-    """
-    sign = torch.sign(advantages)[:, None]
-    clamped = torch.clamp(log_ratio, -eps_low, eps_high)
-    clipped = sign * torch.minimum(sign * log_ratio, sign * clamped)
-    lengths = mask.sum(dim=1, keepdim=True)
-    mean_log = torch.where(mask.bool(), clipped, torch.zeros_like(clipped)).sum(dim=1, keepdim=True)
-    mean_log = mean_log / lengths.clamp(min=1.0)
-    return advantages[:, None] * (lengths > 0) * torch.exp(mean_log)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -612,177 +487,3 @@ def metric_count_key(name: str, importance_sampling_level: str = "token") -> str
     if name == "vespo/phi_seq_mean" or (importance_sampling_level == "sequence" and name in RATIO_METRICS):
         return "num_sequences_local"
     return "num_tokens_local"
-
-
-# ----------------------------------------------------------------------------- token and sequence selection
-
-
-@torch.no_grad()
-def sampler_importance_weights(
-    old_logp: torch.Tensor,
-    sampler_logp: torch.Tensor,
-    mask: torch.Tensor,
-    mode: str = "sequence_mask",
-    clip_min: float | None = None,
-    clip_max: float | None = 3.0,
-) -> torch.Tensor:
-    """Importance weights pi_old / pi_sampler that correct for the sampler's numerical mismatch, no grad.
-
-    old_logp: [N, T] under the trainer's weights; sampler_logp: [N, T] as the sampler (vLLM) reported
-    them; mask: [N, T]. TRL 1.16's ``vllm_importance_sampling_mode``:
-
-        d = nan_to_num((old_logp - sampler_logp) * mask)     # 0 on padding and where the sampler gave NaN
-        token_*:    w = exp(d)              [N, T]   (padding gets exp(0) = 1; the loss masks it anyway)
-        sequence_*: w = exp(sum_t d)        [N, 1]
-        *_truncate: w = clamp(w, clip_min, clip_max)          (truncated IS, TIS)
-        *_mask:     w = 0 where w < clip_min or w > clip_max  (masked IS, MIS)
-
-    None bounds are open. The weights multiply each token's policy term in ``policy_loss``.
-
-    Example: old [[-1.0, -2.0, -0.3], [-0.5, -1.0, -2.0]], sampler [[-1.5, -1.0, nan], [-2.0, -1.0, -2.0]],
-    mask [[1, 1, 0], [1, 1, 1]] -> d = [[0.5, -1.0, 0], [1.5, 0, 0]], with clip_max 3:
-    token_truncate [[1.6487, 0.3679, 1], [3.0, 1, 1]]; token_mask [[1.6487, 0.3679, 1], [0, 1, 1]];
-    sequence_truncate [[0.6065], [3.0]]; sequence_mask [[0.6065], [0.0]] (exp(-0.5), exp(1.5) = 4.48).
-    With clip_min 0.5 too, token_truncate lifts 0.3679 to 0.5 and token_mask sets it to 0.
-    """
-    if mode not in SAMPLER_IS_MODES:
-        raise ValueError(f"vllm_importance_sampling_mode must be one of {SAMPLER_IS_MODES}, got {mode!r}")
-    if old_logp.shape != sampler_logp.shape or old_logp.shape != mask.shape:
-        raise ValueError(
-            f"shapes: old_logp {tuple(old_logp.shape)}, sampler_logp {tuple(sampler_logp.shape)} and mask "
-            f"{tuple(mask.shape)} must match"
-        )
-    log_diff = torch.nan_to_num((old_logp - sampler_logp) * mask, nan=0.0)
-    if mode.startswith("sequence"):
-        log_diff = log_diff.sum(dim=1, keepdim=True)
-    weights = torch.exp(log_diff)
-    if mode.endswith("truncate"):
-        if clip_min is not None or clip_max is not None:
-            weights = torch.clamp(weights, min=clip_min, max=clip_max)
-        return weights
-    low = -math.inf if clip_min is None else clip_min
-    high = math.inf if clip_max is None else clip_max
-    return weights.masked_fill((weights < low) | (weights > high), 0.0)
-
-
-@torch.no_grad()
-def importance_sampling_metrics(
-    weights: torch.Tensor, old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor
-) -> dict[str, float]:
-    """TRL's sampler-mismatch metrics of one batch (call it on the whole batch for whole-batch figures).
-
-    weights: [N, T] (token modes) or [N, 1] (sequence modes) from ``sampler_importance_weights``;
-    old_logp, sampler_logp, mask: [N, T]. Returns python floats:
-
-    - ``sampling/sampling_logp_difference/{mean,max}``: of |old_logp - sampler_logp| over the real
-      tokens where the sampler gave a number (NaN tokens are left out, not counted as 0);
-    - ``sampling/importance_sampling_ratio/{min,mean,max}``: of the weights over the real tokens
-      (token modes) or over all N sequences (sequence modes).
-
-    Every figure is 0.0 when there is nothing to measure.
-
-    Example (the one of ``sampler_importance_weights``, sequence_mask): |d| on real tokens
-    [0.5, 1.0, 1.5, 0, 0] -> difference mean 0.6, max 1.5; weights [[0.6065], [0]] -> ratio min 0,
-    mean 0.3033, max 0.6065.
-    """
-    keep = mask.bool()
-    diff = torch.abs(old_logp - sampler_logp)
-    diff = diff[keep & ~torch.isnan(diff)]
-    flat = weights.flatten() if weights.shape[1] == 1 and mask.shape[1] != 1 else weights[keep]
-
-    def stat(values: torch.Tensor, fn) -> float:
-        return fn(values).item() if values.numel() > 0 else 0.0
-
-    return {
-        "sampling/sampling_logp_difference/mean": stat(diff, torch.mean),
-        "sampling/sampling_logp_difference/max": stat(diff, torch.max),
-        "sampling/importance_sampling_ratio/min": stat(flat, torch.min),
-        "sampling/importance_sampling_ratio/mean": stat(flat, torch.mean),
-        "sampling/importance_sampling_ratio/max": stat(flat, torch.max),
-    }
-
-
-@torch.no_grad()
-def off_policy_sequence_mask(
-    logp: torch.Tensor,
-    sampler_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    threshold: float,
-) -> torch.Tensor:
-    """DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, eq. 9; TRL ``get_off_policy_mask``).
-
-    logp: [N, T] under the current policy; sampler_logp: [N, T] of the policy that sampled (the sampler's
-    own log-probs, or old_logp without vLLM); advantages: [N]; mask: [N, T]. Returns [N, 1] of 0/1
-    (mask's dtype): keep a sequence unless its advantage is negative AND its mean per-token
-    sampler_logp - logp (an estimate of KL(pi_sampler || pi_theta)) exceeds threshold. A negative sample
-    the current policy has drifted far from teaches little and destabilises; positives are always kept.
-    Tokens where the sampler gave NaN count as 0.
-
-    Example: threshold 0.5, sampler_logp - logp per token [[0.8, 0.4], [0.1, 0.3], [0.9, 0.9]],
-    A = [-1, -1, +1] -> means 0.6, 0.2, 0.9 -> keep [[0], [1], [1]].
-    """
-    log_gap = torch.nan_to_num(sampler_logp - logp.detach(), nan=0.0)
-    mean_gap = (log_gap * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-    keep = (advantages[:, None] >= 0) | (mean_gap <= threshold)
-    return keep.to(mask.dtype)
-
-
-def entropy_threshold(entropies: torch.Tensor, top_entropy_quantile: float) -> float:
-    """The entropy above which a token is among the top rho share ("Beyond the 80/20 rule", arXiv 2506.01939).
-
-    entropies: 1-D, the entropies of the real tokens of the WHOLE batch (all processes: the trainer
-    gathers them); top_entropy_quantile: rho in [0, 1], TRL's field. Returns
-    ``torch.quantile(entropies, 1 - rho)`` (linear interpolation), or +inf when there are no tokens
-    (so no token is kept, as TRL). rho = 1 keeps every token, rho = 0 only the highest.
-
-    Example: entropies [0.1, 2.0, 0.5, 1.5, 0.2], rho 0.2 -> quantile 0.8 of the sorted
-    [0.1, 0.2, 0.5, 1.5, 2.0]: position 0.8 * 4 = 3.2 -> 1.5 + 0.2 * (2.0 - 1.5) = 1.6 (keeps 2.0 only).
-    """
-    if not 0.0 <= top_entropy_quantile <= 1.0:
-        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
-    if entropies.dim() != 1:
-        raise ValueError(f"entropies must be 1-D (the batch's real tokens), got {tuple(entropies.shape)}")
-    if entropies.numel() == 0:
-        return math.inf
-    return torch.quantile(entropies.detach(), 1.0 - top_entropy_quantile).item()
-
-
-@torch.no_grad()
-def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, threshold_value: float) -> torch.Tensor:
-    """Tokens to keep in the policy term: real tokens whose entropy >= threshold_value (TRL's ">=").
-
-    entropy, mask: [N, T]. Returns [N, T] of 0/1 in mask's dtype. threshold_value from
-    ``entropy_threshold``.
-
-    Example: entropy [[0.1, 2.0, 0.5], [1.5, 0.2, 9.0]], mask [[1, 1, 1], [1, 1, 0]], threshold 1.0
-    -> [[0, 1, 0], [1, 0, 0]] (the 9.0 is padding).
-    """
-    return ((entropy * mask >= threshold_value) & mask.bool()).to(mask.dtype)
-
-
-def adaptive_entropy_coef(
-    coef: float, entropy: float, target: float, delta: float, coef_min: float, coef_max: float
-) -> float:
-    """TRL's adaptive entropy controller (Skywork-OR1, arXiv 2505.22312), once per optimiser step.
-
-    entropy: the step's mean token entropy over the whole batch (the same tokens as the bonus). The
-    coefficient rises by delta while entropy <= target and falls by delta otherwise, within
-    [coef_min, coef_max] (TRL's entropy_coef_delta, entropy_coef_min, entropy_coef_max).
-
-    Example: coef 0.01, target 0.2, delta 0.005: entropy 0.15 -> 0.015; entropy 0.3 -> 0.005.
-    """
-    if entropy <= target:
-        return min(coef + delta, coef_max)
-    return max(coef - delta, coef_min)
-
-
-def entropy_bonus_applies(last_entropy: float, target: float) -> bool:
-    """With adaptive entropy control, TRL applies the bonus only while the last step's entropy <= target.
-
-    last_entropy starts at +inf (no step yet), so the first step has no bonus. Apply
-    ``entropy_coef if entropy_bonus_applies(...) else 0.0``.
-
-    Example: last 0.15, target 0.2 -> True; last 0.3 -> False; last inf -> False.
-    """
-    return last_entropy <= target

@@ -73,10 +73,11 @@ from grpo.metrics import (
     gather_flat,
     group_sample,
     metric_means,
-    plot_metrics,
     reduce_sum,
     sampler_metrics,
 )
+from grpo.optim import clip_gradients, make_optimizer, make_scheduler, sum_gradients
+from grpo.plot import plot_metrics
 from grpo.rollout import (
     optimizer_steps_per_rollout,
     reward_weights,
@@ -258,6 +259,31 @@ def entropy_coef_now(run: Run) -> float:
     return state.entropy_coef if entropy_bonus_applies(state.last_entropy, cfg.entropy_target) else 0.0
 
 
+def sampling_corrections(
+    run: Run, micro: dict[str, Any], logp: torch.Tensor, old_logp: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(is_weights, off_policy_mask) of a micro-batch, each None when off: TRL's importance weights of the
+    policy that sampled (old_logp) over the sampler (vLLM only), and DeepSeek-V3.2's off-policy sequence mask
+    of the current policy (logp, detached) against the policy that sampled."""
+    cfg = run.config
+    is_weights = off_policy_mask = None
+    if run.sampler_corrected:
+        is_weights = sampler_importance_weights(
+            old_logp,
+            micro["sampler_logp"],
+            micro["completion_mask"],
+            cfg.vllm_importance_sampling_mode,
+            cfg.vllm_importance_sampling_clip_min,
+            cfg.effective_clip_max,
+        )
+    if cfg.off_policy_mask_threshold is not None:  # against the sampler's numbers when they differ (vLLM)
+        behaviour = micro["sampler_logp"] if run.sampler.name == "vllm" else old_logp
+        off_policy_mask = off_policy_sequence_mask(
+            logp, behaviour, micro["advantages"], micro["loss_mask"], cfg.off_policy_mask_threshold
+        )
+    return is_weights, off_policy_mask
+
+
 def policy_update(run: Run, batch: dict[str, Any]) -> tuple[dict[str, float], torch.Tensor]:
     """The gradient of the GRPO objective on this step's batch, accumulated micro-batch by micro-batch.
 
@@ -279,27 +305,11 @@ def policy_update(run: Run, batch: dict[str, Any]) -> tuple[dict[str, float], to
     for rows in micro_batches(n, micro_batch_size(cfg)):
         micro = trim(batch, rows, prompt_len)
         logp, entropy = batch_logprobs(run.model, micro, **logprob_options(cfg), entropy_grad=bonus_grad)
-        old_logp = micro.get("old_logp")
-        is_weights = None
-        if run.sampler_corrected:
-            is_weights = sampler_importance_weights(
-                logp.detach() if old_logp is None else old_logp,
-                micro["sampler_logp"],
-                micro["completion_mask"],
-                cfg.vllm_importance_sampling_mode,
-                cfg.vllm_importance_sampling_clip_min,
-                cfg.effective_clip_max,
-            )
-        off_policy_mask = None
-        if cfg.off_policy_mask_threshold is not None:
-            behaviour = micro["sampler_logp"] if run.sampler.name == "vllm" else old_logp
-            off_policy_mask = off_policy_sequence_mask(
-                logp.detach(),
-                logp.detach() if behaviour is None else behaviour,
-                micro["advantages"],
-                micro["loss_mask"],
-                cfg.off_policy_mask_threshold,
-            )
+        old_logp = micro.get("old_logp")  # None: the policy that sampled is the current one (logp.detach())
+        current = logp.detach()
+        is_weights, off_policy_mask = sampling_corrections(
+            run, micro, current, current if old_logp is None else old_logp
+        )
         loss, metrics = policy_loss(
             logp,
             old_logp,
@@ -381,49 +391,7 @@ def update_entropy_control(run: Run, entropy: float) -> None:
         state.last_entropy = entropy
 
 
-def sum_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
-    """Data parallel: replace each gradient by its sum over processes (one flat all-reduce).
-
-    Every process's loss is already divided by the whole batch's counts, so the sum is the gradient of the
-    whole batch's loss. We do this by hand instead of wrapping the model in DistributedDataParallel: the
-    policy is called in several ways per step (adapter on, adapter off, hidden states only, generate), and
-    one explicit all-reduce after the backward passes is easier to read and to trust.
-    """
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
-
-
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm to max_norm (0 = no clipping); return the norm before clipping."""
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")).item()
-
-
 # ============================================================================ setup and the run
-
-
-def make_optimizer(cfg: GRPOConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """bitsandbytes 8-bit AdamW (the recipe's; it also runs on CPU) or torch AdamW."""
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    if cfg.optim == "adamw_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
-
-
-def make_scheduler(cfg: GRPOConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup over warmup_ratio * max_steps, then cosine / linear decay (or constant)."""
-    from transformers import get_scheduler
-
-    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler_type, cfg.lr_scheduler_type)
-    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.max_steps)
 
 
 def setup(cfg: GRPOConfig) -> Run:

@@ -265,12 +265,10 @@ def load_policy(config: Any, device: DeviceLike = None, path: Optional[str] = No
     with torch.random.fork_rng(devices=[]):  # the A matrices are random: seed them, leave global RNG alone
         torch.manual_seed(config.seed)
         model = get_peft_model(model, lora)
-    # adapter_config.json names the base: the hub id when there is one (portable), else the folder.
-    is_hub_id = (
-        not os.path.isdir(os.path.expanduser(config.model_name_or_path))
-        and config.model_name_or_path not in TINY_MODELS
-    )
-    model.peft_config["default"].base_model_name_or_path = config.model_name_or_path if is_hub_id else path
+    # adapter_config.json names the base by a name that resolves on another machine: the hub id, or the tiny
+    # models' names (resolve_model_path builds them anywhere); a local folder only as its absolute path.
+    is_local_folder = os.path.isdir(os.path.expanduser(config.model_name_or_path))
+    model.peft_config["default"].base_model_name_or_path = path if is_local_folder else config.model_name_or_path
     return model, tokenizer
 
 

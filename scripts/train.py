@@ -64,8 +64,8 @@ EXPECTED_ERRORS = (
     ("data.common", "DataError", "data error", EXIT_ERROR),
     ("models.policy", "ModelLoadError", "model error", EXIT_ERROR),
     ("models.policy", "AdapterError", "adapter error", EXIT_ERROR),
-    ("grpo.checkpoint", "OutputDirError", "output_dir error", EXIT_ERROR),
-    ("grpo.checkpoint", "CheckpointError", "checkpoint error", EXIT_ERROR),
+    ("grpo.run_folder", "OutputDirError", "output_dir error", EXIT_ERROR),
+    ("grpo.run_folder", "CheckpointError", "checkpoint error", EXIT_ERROR),
     ("rewards.registry", "RewardFuncError", "reward function error", EXIT_ERROR),
     ("grpo.trainer", "TrainingError", "training stopped", EXIT_ERROR),
     ("grpo.trainer", "TrainingInterrupted", "interrupted", EXIT_INTERRUPTED),  # Ctrl-C/SIGTERM, after a save

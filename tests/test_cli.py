@@ -42,7 +42,6 @@ TINY_ARGS = [
 ]  # fmt: skip
 
 
-
 def run_train(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
     """scripts/train.py in a subprocess, offline, without GRPO_DEBUG from the caller's environment."""
     environment = {k: v for k, v in os.environ.items() if k != "GRPO_DEBUG"}

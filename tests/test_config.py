@@ -149,3 +149,13 @@ def test_config_reference_is_up_to_date():
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_names_the_config_accepts_are_the_names_the_math_knows():
+    """grpo/config.py keeps its own copies (validation imports no torch): they must agree with grpo/loss.py."""
+    import grpo.config as config
+    import grpo.loss as loss
+
+    assert config.LOSS_TYPES == loss.LOSS_TYPES
+    assert config.KL_ESTIMATORS == loss.KL_ESTIMATORS
+    assert config.SAMPLER_IS_MODES == loss.SAMPLER_IS_MODES

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo.loss import aggregate, clipped_surrogate, kl_penalty, policy_loss, sequence_mask
+from grpo.loss import aggregate, kl_penalty, policy_loss, sequence_mask
 
 LOSS_TYPES = ["grpo", "dapo", "dr_grpo"]
 
@@ -134,14 +134,6 @@ def test_eps_high_widens_only_the_upper_bound():
     assert _single_token_grad(0.85, -1.0, eps_high=0.28)[0] == pytest.approx(0.85)
 
 
-def test_clipped_surrogate_values():
-    ratio = torch.tensor([[1.5, 1.5, 0.5]])
-    out = clipped_surrogate(ratio, torch.tensor([1.0]), 0.2, 0.2)
-    torch.testing.assert_close(out, torch.tensor([[1.2, 1.2, 0.5]]))
-    out = clipped_surrogate(ratio, torch.tensor([-1.0]), 0.2, 0.2)
-    torch.testing.assert_close(out, torch.tensor([[-1.5, -1.5, -0.8]]))
-
-
 def test_kl_penalty_is_added_per_token_before_aggregation():
     logp, adv, mask, lengths = _batch(torch.float64)
     ref = logp.detach() - 0.3 * torch.arange(4, dtype=torch.float64)  # a different KL on every token
@@ -211,29 +203,24 @@ def test_shape_errors_name_the_shapes():
 
 # =============================================================================== the GRPO family
 #
-# Below: the worked example of every docstring, a float64 gradcheck for every loss type x level,
+# Below: the worked example of every docstring (those of grpo/surrogates.py and grpo/corrections.py are
+# in test_surrogates.py and test_corrections.py), a float64 gradcheck for every loss type x level,
 # an independent transcription of each peer's published formula (TRL 1.16 GRPOTrainer._compute_loss,
 # verl 0.9 compute_policy_loss_vanilla / compute_policy_loss_geo_mean) compared on random inputs, the
 # micro-batch exactness of the global normalisers, and the old behaviour kept bit for bit.
 
+from grpo.corrections import (  # noqa: E402
+    entropy_threshold,
+    high_entropy_mask,
+    off_policy_sequence_mask,
+    sampler_importance_weights,
+)
 from grpo.loss import (  # noqa: E402
     CLIPPED_LOSS_TYPES,
-    adaptive_entropy_coef,
-    cispo_surrogate,
-    dual_clip,
     entropy_bonus,
-    entropy_bonus_applies,
-    entropy_threshold,
-    gmpo_surrogate,
-    high_entropy_mask,
-    importance_sampling_metrics,
     log_importance_weights,
     masked_mean,
     metric_count_key,
-    off_policy_sequence_mask,
-    sampler_importance_weights,
-    sapo_surrogate,
-    vespo_gamma_weights,
 )
 from grpo.loss import LOSS_TYPES as ALL_LOSS_TYPES  # noqa: E402
 
@@ -260,99 +247,6 @@ def test_log_importance_weights_worked_example():
     assert math.exp(0.05) == pytest.approx(1.0513, abs=1e-4)
     with pytest.raises(ValueError, match="importance_sampling_level"):
         log_importance_weights(logp, old, mask, "segment")
-
-
-def test_clipped_surrogate_delta_caps_the_unclipped_ratio():
-    ratio = torch.tensor([[5.0]], requires_grad=True)
-    out = clipped_surrogate(ratio, torch.tensor([-1.0]), 0.2, 0.2, delta=4.0)
-    assert out.item() == pytest.approx(-4.0)
-    out.backward()
-    assert ratio.grad.item() == 0.0  # capped: no gradient
-    # without delta the same token is unclipped and pushes back with slope -A = 1
-    assert clipped_surrogate(torch.tensor([[5.0]]), torch.tensor([-1.0]), 0.2, 0.2).item() == -5.0
-    # delta never touches a ratio below it
-    assert clipped_surrogate(torch.tensor([[1.1]]), torch.tensor([-1.0]), 0.2, 0.2, delta=4.0).item() == (
-        pytest.approx(-1.1)
-    )
-
-
-def test_dual_clip_worked_example():
-    ratio = torch.tensor([[5.0, 2.0], [5.0, 2.0]], requires_grad=True)
-    adv = torch.tensor([-1.0, 1.0])
-    ppo = -clipped_surrogate(ratio, adv, 0.2, 0.2)
-    out = dual_clip(ppo, adv, 3.0)
-    _close(out, torch.tensor([[3.0, 2.0], [-1.2, -1.2]]))
-    out.sum().backward()
-    # capped A<0 token: no gradient; ratio 2 with A<0: slope -A = 1; A>0 tokens past 1.2: clipped by PPO
-    _close(ratio.grad, torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
-
-
-def test_cispo_surrogate_worked_example():
-    logp = torch.tensor([[-0.5]], requires_grad=True)
-    ratio = torch.tensor([[7.0]], requires_grad=True)
-    out = cispo_surrogate(ratio, torch.tensor([1.0]), logp, eps_max=5.0)
-    assert out.item() == pytest.approx(-2.5)
-    out.backward()
-    assert logp.grad.item() == pytest.approx(5.0)  # the capped weight: never zero
-    assert ratio.grad is None or ratio.grad.item() == 0.0  # the weight is a stop-gradient
-
-
-def test_sapo_surrogate_worked_example():
-    ratio = torch.tensor([[1.0, 3.0]], dtype=F64, requires_grad=True)
-    out = sapo_surrogate(ratio, torch.tensor([1.0], dtype=F64), 1.0, 1.05)
-    s = 1 / (1 + math.exp(-2))
-    _close(out, torch.tensor([[2.0, 4 * s]], dtype=F64))
-    assert 4 * s == pytest.approx(3.5232, abs=1e-4)
-    out.sum().backward()
-    _close(ratio.grad, torch.tensor([[1.0, 4 * s * (1 - s)]], dtype=F64))
-    assert 4 * s * (1 - s) == pytest.approx(0.4200, abs=1e-4)
-    # A <= 0 uses temperature_neg: value 4 sigmoid(0) / 1.05 * A at ratio 1
-    neg = sapo_surrogate(torch.ones(1, 1, dtype=F64), torch.tensor([-1.0], dtype=F64), 1.0, 1.05)
-    assert neg.item() == pytest.approx(-2 / 1.05)
-
-
-def test_vespo_gamma_weights_worked_example():
-    mask = torch.ones(3, 1, dtype=F64)
-    log_ratio = torch.tensor([[0.0], [math.log(2)], [math.log(0.5)]], dtype=F64)
-    phi = vespo_gamma_weights(torch.ones(3, dtype=F64), log_ratio, mask)
-    _close(
-        phi,
-        torch.tensor([[1.0], [math.exp(-3 + 2 * math.log(2))], [math.exp(1.5 - 2 * math.log(2))]], dtype=F64),
-    )
-    assert phi[1].item() == pytest.approx(0.1991, abs=1e-4)
-    assert phi[2].item() == pytest.approx(1.1204, abs=1e-4)
-    # A < 0 uses (k_neg 3, lambda_neg 2): w = 2 -> exp(2 + 3 ln 2 - 4)
-    neg = vespo_gamma_weights(torch.tensor([-1.0], dtype=F64), log_ratio[1:2], mask[:1])
-    assert neg.item() == pytest.approx(math.exp(-2 + 3 * math.log(2)))
-    # the sampler weights enter log w: a token log-ratio of ln 2 and an IS weight of 1/2 make w = 1
-    both = vespo_gamma_weights(
-        torch.ones(1, dtype=F64), log_ratio[1:2], mask[:1], is_weights=torch.tensor([[0.5]], dtype=F64)
-    )
-    assert both.item() == pytest.approx(1.0)
-    # padding never counts
-    padded = vespo_gamma_weights(
-        torch.ones(1, dtype=F64),
-        torch.tensor([[math.log(2), 50.0]], dtype=F64),
-        torch.tensor([[1.0, 0.0]], dtype=F64),
-    )
-    assert padded.item() == pytest.approx(phi[1].item())
-
-
-def test_gmpo_surrogate_worked_example():
-    log_ratio = torch.tensor([[0.1, 0.6], [0.1, 0.6]], dtype=F64, requires_grad=True)
-    mask = torch.ones(2, 2, dtype=F64)
-    out = gmpo_surrogate(log_ratio, torch.tensor([1.0, -1.0], dtype=F64), mask, 0.4, 0.4)
-    _close(out, torch.tensor([[math.exp(0.25)], [-math.exp(0.35)]], dtype=F64))
-    assert math.exp(0.25) == pytest.approx(1.2840, abs=1e-4)
-    assert math.exp(0.35) == pytest.approx(1.4191, abs=1e-4)
-    out.sum().backward()
-    # A > 0: the 0.6 token is clipped (no gradient); A < 0: both tokens move, each by 1/|y| of the mean
-    _close(log_ratio.grad, torch.tensor([[math.exp(0.25) / 2, 0.0], [-math.exp(0.35) / 2] * 2], dtype=F64))
-    # an empty sequence contributes nothing
-    empty = gmpo_surrogate(
-        torch.zeros(1, 2, dtype=F64), torch.tensor([3.0], dtype=F64), torch.zeros(1, 2, dtype=F64), 0.4, 0.4
-    )
-    assert empty.item() == 0.0
 
 
 def test_aggregate_new_types_and_global_normalisers():
@@ -382,124 +276,6 @@ def test_entropy_bonus_worked_example():
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     assert entropy_bonus(entropy, mask).item() == pytest.approx(2.0)
     assert entropy_bonus(entropy, mask, num_tokens=12).item() == pytest.approx(0.5)
-
-
-def _is_example():
-    old = torch.tensor([[-1.0, -2.0, -0.3], [-0.5, -1.0, -2.0]], dtype=F64)
-    sampler = torch.tensor([[-1.5, -1.0, float("nan")], [-2.0, -1.0, -2.0]], dtype=F64)
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=F64)
-    return old, sampler, mask
-
-
-@pytest.mark.parametrize(
-    "mode, clip_min, expected",
-    [
-        ("token_truncate", None, [[math.exp(0.5), math.exp(-1.0), 1.0], [3.0, 1.0, 1.0]]),
-        ("token_mask", None, [[math.exp(0.5), math.exp(-1.0), 1.0], [0.0, 1.0, 1.0]]),
-        ("sequence_truncate", None, [[math.exp(-0.5)], [3.0]]),
-        ("sequence_mask", None, [[math.exp(-0.5)], [0.0]]),
-        ("token_truncate", 0.5, [[math.exp(0.5), 0.5, 1.0], [3.0, 1.0, 1.0]]),
-        ("token_mask", 0.5, [[math.exp(0.5), 0.0, 1.0], [0.0, 1.0, 1.0]]),
-    ],
-)
-def test_sampler_importance_weights_worked_example(mode, clip_min, expected):
-    old, sampler, mask = _is_example()
-    w = sampler_importance_weights(old, sampler, mask, mode=mode, clip_min=clip_min, clip_max=3.0)
-    _close(w, torch.tensor(expected, dtype=F64))
-    assert not w.isnan().any()
-    assert math.exp(0.5) == pytest.approx(1.6487, abs=1e-4) and math.exp(-1) == pytest.approx(
-        0.3679, abs=1e-4
-    )
-
-
-def test_sampler_importance_weights_bounds_and_errors():
-    old, sampler, mask = _is_example()
-    # no bounds at all: plain exp(d)
-    w = sampler_importance_weights(old, sampler, mask, mode="sequence_truncate", clip_max=None)
-    _close(w, torch.tensor([[math.exp(-0.5)], [math.exp(1.5)]], dtype=F64))
-    w = sampler_importance_weights(old, sampler, mask, mode="sequence_mask", clip_min=0.7, clip_max=None)
-    _close(w, torch.tensor([[0.0], [math.exp(1.5)]], dtype=F64))
-    # no gradient ever flows through the weights
-    g = old.clone().requires_grad_()
-    assert not sampler_importance_weights(g, sampler, mask).requires_grad
-    with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):
-        sampler_importance_weights(old, sampler, mask, mode="token")
-    with pytest.raises(ValueError, match="shapes"):
-        sampler_importance_weights(old, sampler[:, :2], mask)
-
-
-def test_importance_sampling_metrics_worked_example():
-    old, sampler, mask = _is_example()
-    w = sampler_importance_weights(old, sampler, mask, mode="sequence_mask")
-    m = importance_sampling_metrics(w, old, sampler, mask)
-    assert m["sampling/sampling_logp_difference/mean"] == pytest.approx(0.6)
-    assert m["sampling/sampling_logp_difference/max"] == pytest.approx(1.5)
-    assert m["sampling/importance_sampling_ratio/min"] == 0.0
-    assert m["sampling/importance_sampling_ratio/mean"] == pytest.approx(math.exp(-0.5) / 2)
-    assert m["sampling/importance_sampling_ratio/max"] == pytest.approx(math.exp(-0.5))
-    assert math.exp(-0.5) / 2 == pytest.approx(0.3033, abs=1e-4)
-    # token modes: statistics over the real tokens only (the padded 1.0 is not counted)
-    w = sampler_importance_weights(old, sampler, mask, mode="token_mask")
-    m = importance_sampling_metrics(w, old, sampler, mask)
-    assert m["sampling/importance_sampling_ratio/max"] == pytest.approx(math.exp(0.5))
-    assert m["sampling/importance_sampling_ratio/mean"] == pytest.approx(
-        (math.exp(0.5) + math.exp(-1) + 2) / 5
-    )
-    # a NaN from the sampler on a real token is left out of the difference, not counted as 0
-    sampler[1, 2] = float("nan")
-    m = importance_sampling_metrics(w, old, sampler, mask)
-    assert m["sampling/sampling_logp_difference/mean"] == pytest.approx(3.0 / 4)
-    empty = importance_sampling_metrics(w, old, sampler, torch.zeros_like(mask))
-    assert all(v == 0.0 for v in empty.values())
-
-
-def test_off_policy_sequence_mask_worked_example():
-    logp = torch.full((3, 2), -1.0, requires_grad=True)
-    gap = torch.tensor([[0.8, 0.4], [0.1, 0.3], [0.9, 0.9]])
-    keep = off_policy_sequence_mask(
-        logp, logp.detach() + gap, torch.tensor([-1.0, -1.0, 1.0]), torch.ones(3, 2), 0.5
-    )
-    _close(keep, torch.tensor([[0.0], [1.0], [1.0]]))
-    # padding is not in the mean: seq 0 with its 0.8 token padded has mean 0.4 -> kept
-    keep = off_policy_sequence_mask(
-        logp,
-        logp.detach() + gap,
-        torch.tensor([-1.0, -1.0, 1.0]),
-        torch.tensor([[0.0, 1.0], [1, 1], [1, 1]]),
-        0.5,
-    )
-    assert keep[0].item() == 1.0
-    # A == 0 counts as non-negative (TRL's >=)
-    assert (
-        off_policy_sequence_mask(
-            logp[:1], logp[:1].detach() + 5, torch.zeros(1), torch.ones(1, 2), 0.5
-        ).item()
-        == 1.0
-    )
-
-
-def test_entropy_threshold_and_high_entropy_mask_worked_example():
-    assert entropy_threshold(torch.tensor([0.1, 2.0, 0.5, 1.5, 0.2]), 0.2) == pytest.approx(1.6)
-    assert entropy_threshold(torch.tensor([0.1, 2.0, 0.5]), 1.0) == pytest.approx(0.1)  # keeps all
-    assert entropy_threshold(torch.tensor([0.1, 2.0, 0.5]), 0.0) == pytest.approx(2.0)  # keeps the top one
-    assert entropy_threshold(torch.tensor([]), 0.2) == math.inf
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        entropy_threshold(torch.tensor([1.0]), 1.5)
-    entropy = torch.tensor([[0.1, 2.0, 0.5], [1.5, 0.2, 9.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    _close(high_entropy_mask(entropy, mask, 1.0), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
-    # threshold inf (no tokens in the batch) keeps nothing
-    assert high_entropy_mask(entropy, mask, math.inf).sum().item() == 0.0
-
-
-def test_adaptive_entropy_coef_and_gate_worked_example():
-    assert adaptive_entropy_coef(0.01, 0.15, 0.2, 0.005, 0.0, 1.0) == pytest.approx(0.015)
-    assert adaptive_entropy_coef(0.01, 0.3, 0.2, 0.005, 0.0, 1.0) == pytest.approx(0.005)
-    assert adaptive_entropy_coef(0.999, 0.1, 0.2, 0.005, 0.0, 1.0) == 1.0  # bounded above
-    assert adaptive_entropy_coef(0.002, 0.3, 0.2, 0.005, 0.0, 1.0) == 0.0  # and below
-    assert adaptive_entropy_coef(0.01, 0.2, 0.2, 0.005, 0.0, 1.0) == pytest.approx(0.015)  # <= target rises
-    assert entropy_bonus_applies(0.15, 0.2) and not entropy_bonus_applies(0.3, 0.2)
-    assert not entropy_bonus_applies(math.inf, 0.2)
 
 
 def test_metric_count_key():

@@ -30,7 +30,7 @@ def test_sampler_mismatch_rejects_shapes_that_differ():
 
 import json  # noqa: E402  (appended section: the plot tests were added after the mismatch tests above)
 
-from grpo.metrics import _metrics_figure, _nice_ceiling, plot_metrics, smooth  # noqa: E402
+from grpo.plot import _metrics_figure, _nice_ceiling, plot_metrics, smooth  # noqa: E402
 
 FORMAT_FUNCS = ["xmlcount_reward_func", "soft_format_reward_func", "strict_format_reward_func"]
 FORMAT_FUNCS += ["int_reward_func"]

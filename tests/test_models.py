@@ -431,3 +431,10 @@ def test_completion_logprobs_rejects_inconsistent_masks(policy):
         completion_logprobs(model, input_ids, attention_mask, bad)
     with pytest.raises(ValueError, match="0 < T < L"):
         completion_logprobs(model, input_ids, attention_mask, attention_mask)
+
+
+def test_an_adapter_of_a_tiny_model_names_its_base_portably():
+    """adapter_config.json records the tiny model's name (resolve_model_path builds it on any machine), not
+    the cache folder of the machine that trained it."""
+    model, _ = load_policy(GRPOConfig(model_name_or_path=TINY_MODEL, lora_r=4, lora_alpha=8), device="cpu")
+    assert model.peft_config["default"].base_model_name_or_path == TINY_MODEL

@@ -46,7 +46,7 @@ def assert_same_records(a: list[dict], b: list[dict], rel: float) -> None:
         va, vb = metric_values(ra), metric_values(rb)
         assert va.keys() == vb.keys(), sorted(set(va) ^ set(vb))
         for key in va:
-            assert vb[key] == pytest.approx(va[key], rel=rel, abs=1e-6), (ra["step"], key, va[key], vb[key])
+            assert vb[key] == pytest.approx(va[key], rel=rel, abs=1e-5), (ra["step"], key, va[key], vb[key])
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -128,7 +128,7 @@ def test_the_micro_batch_size_changes_no_logged_metric(tmp_path):
     assert_same_records(whole, micro, rel=1e-4)
     a, b = adapter(tmp_path / "whole" / "checkpoint-2"), adapter(tmp_path / "micro" / "checkpoint-2")
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- one process or two
@@ -183,6 +183,6 @@ def test_two_processes_train_exactly_like_one(tmp_path, objective):
     a, b = adapter(tmp_path / "one" / "checkpoint-2"), adapter(tmp_path / "two" / "checkpoint-2")
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # something was learned
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
     state = json.loads((tmp_path / "two" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["data_position"] == 4  # 2 steps x 2 prompts, whoever sampled them
