@@ -12,6 +12,7 @@ The model only appears behind the sampler (``models/samplers.py``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -115,10 +116,11 @@ def keep_informative(groups: list[Group], weights: torch.Tensor) -> tuple[list[G
 
 
 def sample_rollout(
-    sampler: Sampler, train_data: Any, cfg: Any, accelerator: Any, position: int
+    sampler: Sampler, train_data: Any, cfg: Any, accelerator: Any, position: int, timer: Any = None
 ) -> tuple[list[Group], int, dict[str, float]]:
     """The rollout's groups (all processes', in stream order), the next stream position, and the
     dynamic-sampling metrics. The rollout starts at ``position`` of the training stream ``train_data``.
+    timer: a ``grpo.metrics.PhaseTimer`` that gets the "generate" and "score" phases (None = untimed).
 
     Without dynamic sampling: one round of ``rollout_prompts`` prompts. With it (DAPO), rounds of that many
     prompts until as many groups carry a signal (their rewards differ), at most ``max_sampling_rounds``;
@@ -136,14 +138,16 @@ def sample_rollout(
         local = []
         if mine:
             rows = train_data.rows(mine[0], len(mine))
-            generated = generate_groups(sampler, rows, mine, cfg.num_generations, cfg.seed)
-            rewards = score_groups(
-                rows,
-                generated,
-                cfg.reward_funcs,
-                max_completion_length=cfg.max_completion_length,
-                soft_punish_cache=cfg.soft_punish_cache,
-            )
+            with timer("generate") if timer else contextlib.nullcontext():
+                generated = generate_groups(sampler, rows, mine, cfg.num_generations, cfg.seed)
+            with timer("score") if timer else contextlib.nullcontext():
+                rewards = score_groups(
+                    rows,
+                    generated,
+                    cfg.reward_funcs,
+                    max_completion_length=cfg.max_completion_length,
+                    soft_punish_cache=cfg.soft_punish_cache,
+                )
             for at, row, (ids, completions), table in zip(mine, rows, generated, rewards, strict=True):
                 local.append(Group(at, row, ids, completions, table))
         groups = all_groups(accelerator, local)

@@ -153,10 +153,9 @@ def grpo_step(run: Run) -> list[dict[str, Any]]:
 
     # 1-3. A batch of prompts -> G completions each from the current policy -> rewards. Every process
     #      samples its share and then holds the whole rollout; dynamic sampling repeats this to fill it.
-    with timer("generate_and_score"):
-        groups, state.data_position, sampling_metrics = sample_rollout(
-            run.sampler, run.train_data, cfg, run.accelerator, state.data_position
-        )
+    groups, state.data_position, sampling_metrics = sample_rollout(
+        run.sampler, run.train_data, cfg, run.accelerator, state.data_position, timer
+    )
 
     # 4. Group-normalised advantages, over the whole rollout of all processes.
     rewards_per_func = torch.cat([g.rewards_per_func for g in groups])  # [R * G, K]

@@ -3,9 +3,9 @@
     python scripts/bench_step.py --config scripts/configs/tiny-cpu.yaml          # any config (CPU or GPU)
     python scripts/bench_step.py --preset qwen2.5-3b                             # CUDA: the recipe's shape
 
-Phases (``grpo.trainer.grpo_step``): generation (the sampler), scoring, old/reference log-probs (no
-grad), policy forward + backward, optimiser (gradient all-reduce, clipping, step) and sync (the new
-adapter to the sampler). The ``qwen2.5-3b`` preset builds the Qwen2.5-3B architecture with random
+Phases (``grpo.trainer.grpo_step``'s ``time/*`` metrics): generation (the sampler), scoring, old/reference
+log-probs (no grad), policy update (forward + backward), optimiser (gradient all-reduce, clipping, step)
+and sync (the new adapter to the sampler). The ``qwen2.5-3b`` preset builds the Qwen2.5-3B architecture with random
 weights (nothing is downloaded; ``models/tiny/random_qwen.py``), loads it in 4-bit NF4 with the rank-64
 LoRA, and runs G = 6 completions of 1,024 tokens for one 1,024-token prompt with the HF sampler
 (random weights rarely emit EOS, so completions run to the limit). Any ``--field value`` of
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo.config import load_config  # noqa: E402
 from grpo.trainer import grpo_step, setup  # noqa: E402
 
-PHASES = ["generate", "score", "old_ref_logprobs", "forward_backward", "optimizer", "sync"]
+PHASES = ["generate", "score", "old_ref_logprobs", "policy_update", "optimizer", "sync"]
 QWEN_PRESET = [
     "--num_generations", "6", "--per_device_train_batch_size", "1", "--max_prompt_length", "1100",
     "--max_completion_length", "1024", "--sampler", "hf", "--lora_r", "64", "--lora_alpha", "64",
@@ -86,7 +86,6 @@ def main() -> dict:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         record = grpo_step(run)[-1]
-        record["time/forward_backward"] = record["time/policy_update"] - record["time/optimizer"]
         if i > 0:  # step 0 warms up kernels and allocators
             rows.append(record)
             peaks.append(torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
@@ -117,9 +116,7 @@ def main() -> dict:
         },
         "steps_timed": len(rows),
         "seconds": {phase: median(f"time/{phase}") for phase in PHASES},
-        "step_seconds": median("step_time")
-        if "step_time" in rows[0]
-        else sum(median(f"time/{p}") for p in PHASES),
+        "step_seconds": sum(median(f"time/{p}") for p in PHASES),
         "completion_tokens_per_step": tokens,
         "generate_tokens_per_second": tokens / median("time/generate"),
         "peak_memory_gib": (max(peaks) / 2**30) if peaks and peaks[0] is not None else None,
