@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -159,6 +160,12 @@ def validate(cfg: GRPOConfig) -> None:
             cfg.eval_steps == 0 or cfg.dataset_test_split is not None,
             "eval_steps",
             "needs dataset_test_split when dataset_name is set",
+        )
+    if cfg.report_to in ("wandb", "trackio"):
+        need(
+            importlib.util.find_spec(cfg.report_to) is not None,
+            "report_to",
+            f"{cfg.report_to} is not installed (pip install {cfg.report_to}); tensorboard needs nothing more",
         )
     _validate_rewards(cfg, need)
     _validate_objective(cfg, need)

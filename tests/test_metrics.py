@@ -217,3 +217,41 @@ def test_plot_of_an_empty_file_and_of_a_missing_one(tmp_path):
     assert [ax.get_title() for ax in _metrics_figure([]).axes] == ["no metrics logged yet"]
     with pytest.raises(FileNotFoundError, match="absent.jsonl"):
         plot_metrics(tmp_path / "absent.jsonl", tmp_path / "x.png")
+
+
+def test_metrics_go_to_a_wandb_like_sink_every_logging_steps(tmp_path, monkeypatch):
+    """report_to wandb / trackio: init with the config, log the numbers every logging_steps, finish."""
+    import sys
+    import types
+
+    from grpo.metrics import MetricsLogger, read_metrics
+
+    calls = []
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw["config"])),
+        log=lambda numbers, step: calls.append(("log", step, numbers)),
+        finish=lambda: calls.append(("finish",)),
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    logger = MetricsLogger(tmp_path, "wandb", logging_steps=2, config={"seed": 1})
+    for step in (1, 2, 3, 4):
+        logger.log({"step": step, "reward": float(step), "note": "not a number"})
+    logger.close()
+    assert calls == [
+        ("init", {"seed": 1}),
+        ("log", 2, {"reward": 2.0}),
+        ("log", 4, {"reward": 4.0}),
+        ("finish",),
+    ]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]  # every step
+
+
+def test_report_to_a_sink_that_is_not_installed_is_one_config_error():
+    import importlib.util
+
+    from grpo.config import ConfigError, GRPOConfig
+
+    for sink in ("wandb", "trackio"):
+        if importlib.util.find_spec(sink) is None:
+            with pytest.raises(ConfigError, match=f"report_to='{sink}': {sink} is not installed"):
+                GRPOConfig(report_to=sink)
