@@ -208,7 +208,6 @@ def step_batch(
     batch["num_tokens"] = float(sum(len(c.token_ids) for c in kept))  # the whole step's, all processes
     batch["num_sequences"] = float(len(completions))
     rewards_per_func = torch.cat([g.rewards_per_func for g in step_groups])
-    names = [name_of(spec) for spec in cfg.reward_funcs]
     # TRL counts each completion's prompt: G copies of the prompt per group
     prompt_tokens = sum(len(g.prompt_ids) * G for g in step_groups)
     batch["tokens_seen"] = prompt_tokens + sum(len(c.token_ids) for c in completions)
@@ -216,7 +215,9 @@ def step_batch(
         "num_completions": len(completions),
         **reward_metrics(
             rewards_per_func @ reward_weights(cfg),
-            {name: rewards_per_func[:, i] for i, name in enumerate(names)},
+            {
+                name: rewards_per_func[:, i] for i, name in enumerate(cfg.reward_funcs)
+            },  # as the config names them
             [g.row["db_set"] for g in step_groups for _ in range(G)],
             G,
         ),
@@ -226,11 +227,6 @@ def step_batch(
         ),
     }
     return batch
-
-
-def name_of(spec: str) -> str:
-    """A reward function's name in the metrics: the spec as written (``rewards/<name>/mean``)."""
-    return spec
 
 
 def collate(

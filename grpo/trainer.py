@@ -44,27 +44,18 @@ import torch
 from tqdm.auto import tqdm
 
 from grpo.advantages import multi_objective_advantages
-from grpo.checkpoint import (
-    check_output_dir,
-    check_resume_config,
-    load_checkpoint,
-    read_trainer_state,
-    remove_incomplete_checkpoints,
-    resolve_checkpoint,
-    rotate_checkpoints,
-    save_checkpoint,
-)
+from grpo.checkpoint import load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
 from grpo.config import GRPOConfig
-from grpo.evaluation import eval_subset, evaluate_rows
-from grpo.loss import (
+from grpo.corrections import (
     adaptive_entropy_coef,
     entropy_bonus_applies,
     entropy_threshold,
     high_entropy_mask,
     off_policy_sequence_mask,
-    policy_loss,
     sampler_importance_weights,
 )
+from grpo.evaluation import eval_subset, evaluate_rows
+from grpo.loss import policy_loss
 from grpo.metrics import (
     MetricsLogger,
     PhaseTimer,
@@ -78,11 +69,12 @@ from grpo.metrics import (
 )
 from grpo.optim import clip_gradients, make_optimizer, make_scheduler, sum_gradients
 from grpo.plot import plot_metrics
-from grpo.rollout import (
-    optimizer_steps_per_rollout,
-    reward_weights,
-    sample_rollout,
-    step_batch,
+from grpo.rollout import optimizer_steps_per_rollout, reward_weights, sample_rollout, step_batch
+from grpo.run_folder import (
+    check_output_dir,
+    check_resume_config,
+    remove_incomplete_checkpoints,
+    rotate_checkpoints,
 )
 from grpo.signals import agreed_stop, stop_requests
 from models.forward import batch_logprobs, micro_batches, no_grad_logprobs, trim
