@@ -1,53 +1,192 @@
 """``model.generate`` on the policy itself: the sampler that needs nothing but the model being trained.
 
 The contract (``Sampler``, ``Completion``, ``SamplingSettings``) is in ``models/samplers.py``; this file only
-says how HF generate fills it: a left-padded batch, our own temperature / top-k / top-p warpers (the model
-folder's generation_config is swapped out meanwhile), and a logits processor that records the log-prob of
-each sampled token under the distribution it was drawn from.
+says how HF generate fills it:
+
+1. A left-padded batch of rows ``[p0g0, ..., p0g(G-1), p1g0, ...]`` (cut in chunks of ``batch_size``).
+2. generate runs in *greedy* mode with our own logits processors: temperature, top-k, top-p (HF's warpers,
+   in HF's order), then :class:`DrawAndRecord` last. DrawAndRecord picks each row's token itself, with the
+   Gumbel-max trick and one ``torch.Generator`` per row seeded ``completion_seed(seeds[p], g)``, and
+   returns scores whose argmax is that token, so generate's greedy step only reads the choice. A row's
+   completion depends on its own stream and its own logits only, not on what else is in the batch (where
+   it sits, how many rows, how they are chunked): one process or eight draw the same samples. (The logits
+   themselves move by float rounding, ~1e-6, with the padding and the batch shape; measured on the tiny
+   models, that never changed a token.)
+3. DrawAndRecord also records the log-prob of the chosen token under the distribution it was drawn
+   from (the processed scores, without the noise), kept as one float per token: no [B, V] outlives its step.
+4. On CPU, a 4-bit base is dequantised once per call instead of at every decoding step
+   (:func:`dequantized_4bit_weights`): the same numbers, with less time and far fewer stalls on busy cores.
+5. The model folder's generation_config is swapped out meanwhile (Qwen2.5-Instruct ships top_k 20 and a
+   repetition penalty that generate would otherwise add), and the global RNG is never touched.
+
+Why not ``do_sample=True``: HF draws every row from the one global stream with ``torch.multinomial``, so
+row r's sample depends on the r - 1 rows drawn before it in that step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any, Optional
 
 import torch
 
-from models.samplers import Completion, Sampler, SamplingSettings, default_stop_token_ids, derive_seed
+from models.samplers import Completion, Sampler, SamplingSettings, completion_seed, default_stop_token_ids
 
 
-class _SampledTokenLogprobs:
-    """A logits processor placed last: reads the log-prob of each sampled token from the processed scores.
+def add_gumbel_noise(scores: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """``scores + G`` with G standard Gumbel noise; row b's noise comes from ``generators[b]`` alone.
 
-    generate calls it with the scores of step t (after temperature, top-k, top-p); the token drawn from
-    them only shows up in ``input_ids`` at step t + 1, so it keeps one step of log-softmax ([B, V]) and
-    gathers the sampled token then. Memory: one [B, V] float32 at a time, never the [B, T, V] that
-    ``output_scores=True`` would keep.
+    scores: [B, V] float32, the logits after temperature / top-k / top-p (-inf = filtered out). Returns
+    [B, V]. The Gumbel-max trick: ``argmax(scores[b] + G[b])`` is a sample of ``softmax(scores[b])``, because
+    for independent Gumbel G_i, P(argmax_i (s_i + G_i) = k) = exp(s_k) / sum_j exp(s_j). A -inf score stays
+    -inf, so a filtered token is never drawn. Row b uses the next V draws of its own generator, so it does
+    not depend on the other rows.
+
+    Worked example: scores log([0.5, 0.3, 0.2]) perturbed by many independent generators: the argmax is
+    token 0, 1, 2 with frequencies 0.5, 0.3, 0.2; after top-k = 2, [log 0.5, log 0.3, -inf]: tokens 0 and 1
+    with frequencies 0.625 and 0.375, and never 2.
+
+    G = -log(-log(U)) with U drawn in float64 and kept above 0, so G is finite (U = 0 would give -inf and
+    could leave a top-k = 1 row with nothing to pick).
+    """
+    uniform = torch.stack(
+        [
+            torch.rand(scores.shape[1], generator=g, device=scores.device, dtype=torch.float64)
+            for g in generators
+        ]
+    )
+    uniform.clamp_(min=torch.finfo(torch.float64).tiny)
+    return scores + (-torch.log(-torch.log(uniform))).to(scores.dtype)
+
+
+def chosen_token_logprobs(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(scores)[b, tokens[b]]``: [B] float32. scores: [B, V] (may hold -inf), tokens: [B].
+
+    Worked example: scores [[0, ln 3]] (probabilities 1/4, 3/4) and token 1 -> ln 3 - ln(e^0 + e^(ln 3)) =
+    ln 0.75 = -0.2877. The [B, V] log-softmax lives for one step only. (``score - logsumexp`` would avoid it
+    but measured slower on CPU: logsumexp runs as several kernels, log_softmax as one.)
+    """
+    return torch.log_softmax(scores.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+
+
+def warpers(settings: SamplingSettings) -> list[Any]:
+    """HF's temperature, top-k and top-p warpers for ``settings``, in HF's order (none for greedy).
+
+    They turn the logits into the scores a token is drawn from (``softmax(scores)``): logits / T, then every
+    score outside the top k, then outside the top-p nucleus, set to -inf.
+    """
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    if settings.greedy:
+        return []
+    chosen: list[Any] = []
+    if settings.temperature != 1.0:
+        chosen.append(TemperatureLogitsWarper(settings.temperature))
+    if settings.top_k > 0:
+        chosen.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1.0:
+        chosen.append(TopPLogitsWarper(settings.top_p))
+    return chosen
+
+
+class DrawAndRecord:
+    """The last logits processor: chooses each row's next token and records its log-prob.
+
+    generators: one per row (sampling), or None (greedy). It returns the scores the token is chosen from,
+    ``add_gumbel_noise(scores, generators)`` when sampling and the scores themselves when greedy; generate
+    (run with ``do_sample=False``) takes their argmax. It also appends ``log_softmax(scores)[token]`` to
+    ``self.logprobs`` (one [B] float32 per step): the log-prob under the distribution the token was drawn
+    from (temperature, top-k, top-p applied), without the noise.
     """
 
-    def __init__(self) -> None:
-        self.previous: Optional[torch.Tensor] = None
-        self.logprobs: list[torch.Tensor] = []  # T tensors of [B]
+    def __init__(self, generators: Optional[list[torch.Generator]]) -> None:
+        self.generators = generators
+        self.logprobs: list[torch.Tensor] = []  # one [B] per generated token
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.previous is not None:
-            self.logprobs.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.previous = torch.log_softmax(scores.float(), dim=-1)
-        return scores
+        choice_scores = scores if self.generators is None else add_gumbel_noise(scores, self.generators)
+        tokens = choice_scores.argmax(dim=-1)  # the same argmax generate's greedy step takes next
+        self.logprobs.append(chosen_token_logprobs(scores, tokens))
+        return choice_scores
 
-    def finish(self, last_tokens: torch.LongTensor) -> torch.Tensor:
-        """last_tokens: [B], the final sampled token. Returns [B, T] log-probs."""
-        self.logprobs.append(self.previous.gather(1, last_tokens[:, None]).squeeze(1))
-        self.previous = None
+    def stacked(self) -> torch.Tensor:
+        """[B, T]: the log-prob of every generated token (T = the steps generate ran)."""
         return torch.stack(self.logprobs, dim=1)
+
+
+class _DequantizedLinear4bit:
+    """A bitsandbytes ``Linear4bit.forward`` that dequantises its weight on the first call only.
+
+    It computes what ``Linear4bit.forward`` computes (input cast to the compute dtype, the dequantised weight,
+    ``F.linear``, output cast back) with the weight ``bitsandbytes.functional.dequantize_4bit`` gives, the
+    function bitsandbytes calls itself before its matmul (except in its single-row CUDA GEMV kernel).
+    """
+
+    def __init__(self, layer: torch.nn.Module, dequantize_4bit: Any) -> None:
+        self.layer = layer
+        self.dequantize_4bit = dequantize_4bit  # bitsandbytes.functional.dequantize_4bit
+        self.weight: Optional[torch.Tensor] = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        if not layer.compute_type_is_set:  # what bitsandbytes does on a layer's first call
+            layer.set_compute_type(x)
+            layer.compute_type_is_set = True
+        dtype = layer.compute_dtype or x.dtype
+        if self.weight is None or self.weight.dtype != dtype:
+            self.weight = self.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), self.weight, bias).to(x.dtype)
+
+
+@contextmanager
+def dequantized_4bit_weights(model: torch.nn.Module) -> Iterator[int]:
+    """Inside the block, every bitsandbytes 4-bit linear layer of ``model`` dequantises its weight once.
+
+    bitsandbytes dequantises a 4-bit weight on every forward, so generating T tokens would dequantise the
+    whole base model T times, for the same numbers each time (the weights do not change during
+    generate). Inside this block each layer keeps its dequantised weight after its first forward: the same
+    logits (bit-identical on CPU, tested), at the price of holding the 4-bit layers in the compute dtype
+    meanwhile (Qwen2.5-3B in bf16: about 5.5 GB). Measured on the embedded default's sampling
+    (scripts/bench_hf_sampler.py, 2-core CPU): 8% less CPU time with one thread; with two threads on a busy
+    machine, median 0.58x the wall-clock time (two small multi-threaded bitsandbytes kernels per layer and
+    step, 56 on the tiny model, each stalling while other jobs hold the cores). Yields the number of layers
+    switched (0 for a 16-bit model).
+    """
+    bnb = sys.modules.get("bitsandbytes")  # a model with 4-bit layers has imported it; else nothing to do
+    layers = [
+        m
+        for m in (model.modules() if bnb is not None else [])
+        if isinstance(m, bnb.nn.Linear4bit)
+        # bitsandbytes' CPU inference layout (models.policy turns it off) is not what dequantize_4bit reads
+        and not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+    ]
+    for layer in layers:
+        # an instance attribute shadows the class's forward; deleting it brings that back
+        layer.forward = _DequantizedLinear4bit(layer, bnb.functional.dequantize_4bit)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 class HFSampler(Sampler):
     """``model.generate`` on the policy itself (adapter on), batched with left padding.
 
-    Needs no extra memory or process, and is always in step with the policy (``update_policy`` is a
+    Needs no extra process or copy of the model, and is always in step with the policy (``update_policy`` is a
     no-op); the price is speed: HF generate decodes a padded batch step by step without paged attention.
-    ``batch_size`` caps the completions per generate call (None = all N at once).
+    ``batch_size`` caps the completions per generate call (None = all N at once); it changes no sample.
+    ``dequantize_once``: dequantise a 4-bit base once per ``generate`` call rather than at every decoding step
+    (``dequantized_4bit_weights``: the same numbers, faster on CPU, the base held in the compute dtype
+    meanwhile). None (default) = on for a CPU model; off on GPU, where it is not measured yet and would hold
+    about 5.5 GB more at Qwen2.5-3B's shape.
     """
 
     name = "hf"
@@ -59,14 +198,18 @@ class HFSampler(Sampler):
         settings: SamplingSettings,
         stop_token_ids: Optional[Sequence[int]] = None,
         batch_size: Optional[int] = None,
+        dequantize_once: Optional[bool] = None,
     ) -> None:
         hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         gen_cfg = getattr(hf_model, "generation_config", None)
         super().__init__(tokenizer, settings, stop_token_ids or default_stop_token_ids(tokenizer, gen_cfg))
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad_token_id (left padding needs one)")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1 (or None for all rows at once)")
         self.model = model
         self.batch_size = batch_size
+        self.dequantize_once = dequantize_once
 
     def update_policy(self, model: Any) -> None:
         self.model = model  # generate runs on the live policy: nothing to copy
@@ -74,63 +217,58 @@ class HFSampler(Sampler):
     def _generate(
         self, prompt_ids: list[list[int]], num_generations: int, seeds: list[int], settings: SamplingSettings
     ) -> list[Completion]:
-        rows = [(p, ids) for p, ids in enumerate(prompt_ids) for _ in range(num_generations)]
-        step = self.batch_size or len(rows)
-        device = next(self.model.parameters()).device
+        # One row per completion, with the seed of its own random stream.
+        rows = [
+            (p, ids, completion_seed(seeds[p], g))
+            for p, ids in enumerate(prompt_ids)
+            for g in range(num_generations)
+        ]
+        chunk = self.batch_size or len(rows)
         outputs: list[Completion] = []
         was_training = self.model.training
         self.model.eval()  # no dropout; gradient checkpointing only acts in training mode
-        # fork_rng: the seed drives this call only, and the trainer's global RNG stream is left as it was.
-        devices = [device] if device.type == "cuda" else []
+        dequantize_once = self.dequantize_once
+        if dequantize_once is None:
+            dequantize_once = next(self.model.parameters()).device.type == "cpu"
+        dequantized = dequantized_4bit_weights(self.model) if dequantize_once else nullcontext()
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                torch.manual_seed(derive_seed(*seeds))  # TODO(per-row streams): one stream per batch for now
-                for start in range(0, len(rows), step):
-                    outputs += self._generate_batch(rows[start : start + step], settings, device)
+            with torch.no_grad(), dequantized:
+                for start in range(0, len(rows), chunk):
+                    outputs += self._generate_batch(rows[start : start + chunk], settings)
         finally:
             self.model.train(was_training)
         return outputs
 
     def _generate_batch(
-        self, rows: list[tuple[int, list[int]]], settings: SamplingSettings, device: torch.device
+        self, rows: list[tuple[int, list[int], int]], settings: SamplingSettings
     ) -> list[Completion]:
+        """rows: (prompt index, prompt ids, completion seed). Returns one Completion per row, in order."""
         from transformers import GenerationConfig, LogitsProcessorList
-        from transformers.generation.logits_process import (
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
 
+        device = next(self.model.parameters()).device
         pad_id = self.tokenizer.pad_token_id
-        width = max(len(ids) for _, ids in rows)
+        width = max(len(ids) for _, ids, _ in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (_, ids) in enumerate(rows):
+        for i, (_, ids, _) in enumerate(rows):
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             attention_mask[i, width - len(ids) :] = 1
 
-        # Our own warpers, in HF's order (temperature, top-k, top-p), then the recorder, so it sees the
-        # scores the token is drawn from. The GenerationConfig below asks for no warpers of its own.
-        warpers: list[Any] = []
+        # Our own warpers, then DrawAndRecord, which sees the scores the token is drawn from. Greedy decoding
+        # takes no warper and no random stream.
+        generators = None
         if not settings.greedy:
-            if settings.temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(settings.temperature))
-            if settings.top_k > 0:
-                warpers.append(TopKLogitsWarper(settings.top_k))
-            if settings.top_p < 1.0:
-                warpers.append(TopPLogitsWarper(settings.top_p))
-        recorder = _SampledTokenLogprobs()
-        # Neutral values, so that generate adds no warper or penalty of its own (its global default
-        # top_k is 50); greedy decoding takes none of them.
-        neutral = {} if settings.greedy else dict(temperature=1.0, top_k=0, top_p=1.0)
+            generators = [torch.Generator(device).manual_seed(seed) for _, _, seed in rows]
+        draw = DrawAndRecord(generators)
+
+        # do_sample=False: generate's own step is an argmax over what DrawAndRecord returns.
         generation_config = GenerationConfig(
-            do_sample=not settings.greedy,
+            do_sample=False,
             max_new_tokens=settings.max_completion_length,
             eos_token_id=self.stop_token_ids,
             pad_token_id=pad_id,
             use_cache=True,
             repetition_penalty=1.0,
-            **neutral,
         )
         hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         # generate fills every unset field from model.generation_config (Qwen2.5-Instruct ships
@@ -142,26 +280,30 @@ class HFSampler(Sampler):
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=generation_config,
-                logits_processor=LogitsProcessorList([*warpers, recorder]),
+                logits_processor=LogitsProcessorList([*warpers(settings), draw]),
             )
         finally:
             hf_model.generation_config = saved_config
         new_tokens = sequences[:, width:]
-        logprobs = recorder.finish(new_tokens[:, -1]).cpu()
-        new_tokens = new_tokens.cpu()
+        logprobs = draw.stacked()[:, : new_tokens.shape[1]]
+        lengths = completion_lengths(new_tokens, self.stop_token_ids)
 
-        outputs = []
-        stop = torch.tensor(self.stop_token_ids)
-        for i, (prompt_index, _) in enumerate(rows):
-            is_stop = torch.isin(new_tokens[i], stop).nonzero()
-            # the completion ends at its first stop token (kept); after it generate writes pad_id
-            length = int(is_stop[0]) + 1 if len(is_stop) else new_tokens.shape[1]
-            outputs.append(
-                self._completion(
-                    prompt_index,
-                    new_tokens[i, :length].tolist(),
-                    logprobs[i, :length].tolist(),
-                    settings.max_completion_length,
-                )
+        token_lists = new_tokens.cpu().tolist()
+        logprob_lists = logprobs.cpu().tolist()
+        return [
+            self._completion(
+                prompt_index, token_lists[i][:n], logprob_lists[i][:n], settings.max_completion_length
             )
-        return outputs
+            for i, ((prompt_index, _, _), n) in enumerate(zip(rows, lengths.tolist(), strict=True))
+        ]
+
+
+def completion_lengths(new_tokens: torch.Tensor, stop_token_ids: Sequence[int]) -> torch.Tensor:
+    """[B] lengths of generate's new tokens [B, T]: up to and including the first stop token, else T.
+
+    After a row stops, generate writes pad_id (which may itself be a stop token): only the first counts.
+    Example: stop ids {2}, rows [[5, 2, 2], [5, 6, 7]] -> [2, 3].
+    """
+    is_stop = torch.isin(new_tokens, torch.tensor(list(stop_token_ids), device=new_tokens.device))
+    first_stop = torch.where(is_stop.any(dim=1), is_stop.int().argmax(dim=1) + 1, new_tokens.shape[1])
+    return first_stop.cpu()

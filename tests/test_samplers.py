@@ -19,7 +19,15 @@ import torch
 from grpo.config import GRPOConfig
 from grpo.metrics import sampler_mismatch
 from grpo.rollout import collate
-from models.hf_sampler import HFSampler
+from models.hf_sampler import (
+    DrawAndRecord,
+    HFSampler,
+    add_gumbel_noise,
+    chosen_token_logprobs,
+    completion_lengths,
+    dequantized_4bit_weights,
+    warpers,
+)
 from models.policy import resolve_dtype, resolve_model_path
 from models.samplers import (
     Completion,
@@ -259,6 +267,187 @@ def test_hf_batch_size_does_not_change_the_contract(policy):
     )
     assert [o.token_ids for o in whole] == [o.token_ids for o in chunked]
     assert [o.prompt_index for o in chunked] == [0, 0, 1, 1, 2, 2]
+
+
+# ---------------------------------------------------------------------------- per-row random streams (HF)
+
+# Prompts of different lengths, so that the left padding of a row changes with the batch it is in.
+LAYOUT_PROMPTS = PROMPTS[:3] + [
+    [{"role": "user", "content": "Explain step by step why the sky is blue. " * k}] for k in (4, 9)
+]
+
+
+def test_hf_completion_is_the_same_whatever_else_is_in_the_batch(policy):
+    """Completion g of prompt p draws from its own stream, seeded completion_seed(seeds[p], g): alone, in a
+    batch, at another position, with fewer siblings or cut in chunks, it is the same completion."""
+    model, tokenizer = policy
+    settings = SamplingSettings(temperature=1.0, max_completion_length=12)
+    sampler = HFSampler(model, tokenizer, settings)
+    prompt_ids = sampler.encode(LAYOUT_PROMPTS)
+    assert len({len(ids) for ids in prompt_ids}) >= 3  # the padding of a row does change with its company
+    seeds = seeds_for(prompt_ids, 21)
+    group = 3
+    batch = sampler.generate(prompt_ids, group, seeds)
+    expected = {p: batch[p * group : (p + 1) * group] for p in range(len(prompt_ids))}
+
+    def check(outputs: list[Completion], order: list[int], group: int = group) -> None:
+        assert [o.prompt_index for o in outputs] == [i for i in range(len(order)) for _ in range(group)]
+        for i, p in enumerate(order):
+            for got, want in zip(outputs[i * group : (i + 1) * group], expected[p][:group], strict=True):
+                assert got.token_ids == want.token_ids, f"prompt {p}: the batch changed the sample"
+                # the logits move by float rounding (~1e-6) with the padding and the batch shape
+                torch.testing.assert_close(
+                    torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-5, rtol=0
+                )
+
+    for p in (0, 4):  # the shortest and the longest prompt, each alone
+        check(sampler.generate([prompt_ids[p]], group, [seeds[p]]), [p])
+    order = [4, 2, 0, 3, 1]
+    check(sampler.generate([prompt_ids[p] for p in order], group, [seeds[p] for p in order]), order)
+    check(sampler.generate(prompt_ids[1:3], 2, seeds[1:3]), [1, 2], group=2)  # completions 0, 1 of each
+    chunked = HFSampler(model, tokenizer, settings, batch_size=4).generate(prompt_ids, group, seeds)
+    check(chunked, list(range(len(prompt_ids))))
+    # and the streams are really per completion: the G samples of a prompt differ, another seed differs
+    assert len({tuple(o.token_ids) for o in expected[0]}) == group
+    other = sampler.generate([prompt_ids[0]], group, [seeds[0] + 1])
+    assert [o.token_ids for o in other] != [o.token_ids for o in expected[0]]
+
+
+def chi_square(counts: torch.Tensor, probabilities: torch.Tensor) -> float:
+    """Pearson's statistic sum (O - E)^2 / E of observed counts against expected probabilities."""
+    expected = probabilities * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def chi_square_quantile(df: int, alpha: float) -> float:
+    """The (1 - alpha) quantile of chi-square with df = 1 or 2, in closed form (no scipy here).
+
+    df = 1: the square of a standard normal, (sqrt(2) erfinv(1 - alpha))^2; df = 2: an exponential of mean 2,
+    -2 ln(alpha). For alpha = 1e-3: 10.83 and 13.82, the values of any chi-square table.
+    """
+    if df == 1:
+        return float((2**0.5 * torch.erfinv(torch.tensor(1 - alpha, dtype=torch.float64))) ** 2)
+    if df == 2:
+        return -2 * float(torch.log(torch.tensor(alpha, dtype=torch.float64)))
+    raise ValueError(f"df={df}: only 1 and 2 have a closed form here")
+
+
+def draw_rows(
+    scores: torch.Tensor, settings: SamplingSettings, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The HF sampler's processors (warpers, then DrawAndRecord) on one [V] score vector repeated n_rows
+    times, each row with its own generator: (tokens [n_rows], recorded log-probs [n_rows])."""
+    rows = scores.float().expand(n_rows, -1).clone()
+    input_ids = torch.zeros((n_rows, 1), dtype=torch.long)  # the warpers and DrawAndRecord ignore it
+    for warper in warpers(settings):
+        rows = warper(input_ids, rows)
+    draw = DrawAndRecord([torch.Generator().manual_seed(completion_seed(7, r)) for r in range(n_rows)])
+    tokens = draw(input_ids, rows).argmax(dim=-1)  # what generate's greedy step takes
+    return tokens, draw.logprobs[0]
+
+
+ROWS = 20_000  # frequencies within ~0.01 of the truth
+
+
+@pytest.mark.parametrize(
+    "settings, probabilities, kept",
+    [
+        # add_gumbel_noise's worked example: log([0.5, 0.3, 0.2]) at temperature 1 ...
+        (SamplingSettings(temperature=1.0), [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]),
+        # ... and after top-k = 2: token 2 is gone, 0.5 : 0.3 renormalised to 0.625 : 0.375
+        (SamplingSettings(temperature=1.0, top_k=2), [0.5, 0.3, 0.2], [0.625, 0.375, 0.0]),
+        # temperature 0.5 squares the probabilities: 0.25, 0.09, 0.04 -> 0.6579, 0.2368, 0.1053
+        (SamplingSettings(temperature=0.5), [0.5, 0.3, 0.2], [0.25 / 0.38, 0.09 / 0.38, 0.04 / 0.38]),
+        # top-p = 0.7 on [0.4, 0.35, 0.15, 0.1]: the smallest set reaching 0.7 is {0.4, 0.35}
+        (
+            SamplingSettings(temperature=1.0, top_p=0.7),
+            [0.4, 0.35, 0.15, 0.1],
+            [0.4 / 0.75, 0.35 / 0.75, 0, 0],
+        ),
+    ],
+)
+def test_gumbel_draws_sample_the_processed_softmax(settings, probabilities, kept):
+    probabilities, kept = torch.tensor(probabilities), torch.tensor(kept, dtype=torch.float64)
+    tokens, logprobs = draw_rows(probabilities.log(), settings, ROWS)
+    counts = torch.bincount(tokens, minlength=len(probabilities)).double()
+    allowed = kept > 0
+    assert counts[~allowed].sum() == 0, "a token top-k / top-p filtered out was drawn"
+    bound = chi_square_quantile(int(allowed.sum()) - 1, alpha=1e-3)
+    assert chi_square(counts[allowed], kept[allowed]) < bound
+    # the bound has power: a sampler at twice the temperature (probabilities ** 0.5) would fail it
+    flattened = kept[allowed] ** 0.5 / (kept[allowed] ** 0.5).sum()
+    assert chi_square(counts[allowed], flattened) > bound
+    # the recorded log-prob is of the distribution drawn from (without the noise)
+    torch.testing.assert_close(logprobs, kept.log().float()[tokens], atol=1e-5, rtol=0)
+
+
+def test_gumbel_noise_of_a_row_comes_from_its_own_generator_only():
+    scores = torch.tensor([[0.0, 1.0, -float("inf"), 2.0]] * 3)
+    seeds = [11, 12, 13]
+    together = add_gumbel_noise(scores, [torch.Generator().manual_seed(s) for s in seeds])
+    for b, seed in enumerate(seeds):
+        alone = add_gumbel_noise(scores[b : b + 1], [torch.Generator().manual_seed(seed)])
+        assert torch.equal(together[b], alone[0])
+    assert together[:, 2].eq(-float("inf")).all() and together[:, [0, 1, 3]].isfinite().all()
+    assert not torch.equal(together[0], together[1])
+    # a uniform draw of exactly 0 would be -log(-log 0) = -inf: the noise is kept finite
+    assert add_gumbel_noise(torch.zeros(1, 100_000), [torch.Generator().manual_seed(0)]).isfinite().all()
+
+
+def test_chosen_token_logprobs_worked_example():
+    scores = torch.tensor([[0.0, torch.log(torch.tensor(3.0))], [1.0, -float("inf")]])
+    got = chosen_token_logprobs(scores, torch.tensor([1, 0]))
+    torch.testing.assert_close(got, torch.tensor([-0.28768207, 0.0]))  # ln 0.75; the only token left: ln 1
+    reference = torch.log_softmax(torch.randn(5, 9, generator=torch.Generator().manual_seed(0)), dim=-1)
+    tokens = torch.tensor([0, 3, 8, 2, 5])
+    torch.testing.assert_close(chosen_token_logprobs(reference, tokens), reference[torch.arange(5), tokens])
+
+
+def test_completion_lengths_stop_at_the_first_stop_token():
+    new_tokens = torch.tensor([[5, 2, 2], [5, 6, 7], [2, 9, 2], [5, 3, 2]])
+    assert completion_lengths(new_tokens, [2, 3]).tolist() == [2, 3, 1, 2]
+
+
+# ---------------------------------------------------------------------------- 4-bit: dequantise once per call
+
+
+@pytest.fixture(scope="module")
+def policy_4bit():
+    from models.policy import load_policy
+
+    model, tokenizer = load_policy(tiny_config(load_in_4bit=True), device="cpu")
+    randomise_adapter(model, std=0.3, seed=0)
+    model.train()
+    return model, tokenizer
+
+
+def test_hf_dequantize_once_changes_no_number_and_dequantizes_each_layer_once(policy_4bit, monkeypatch):
+    import bitsandbytes as bnb
+
+    model, tokenizer = policy_4bit
+    settings = SamplingSettings(temperature=1.0, max_completion_length=10)
+    prompt_ids = [encode_prompt(tokenizer, p) for p in LAYOUT_PROMPTS[:2] + LAYOUT_PROMPTS[4:]]
+    seeds = seeds_for(prompt_ids, 3)
+    per_step = HFSampler(model, tokenizer, settings, dequantize_once=False).generate(prompt_ids, 3, seeds)
+
+    calls = []
+    dequantize = bnb.functional.dequantize_4bit
+    monkeypatch.setattr(
+        bnb.functional, "dequantize_4bit", lambda *a, **k: calls.append(1) or dequantize(*a, **k)
+    )
+    once = HFSampler(model, tokenizer, settings).generate(prompt_ids, 3, seeds)
+    n_layers = 4 * 7  # the tiny model's 4 decoder layers x q, k, v, o, gate, up, down
+    assert len(calls) == n_layers  # once per layer, not once per forward (10 new tokens: 10 forwards)
+    assert [o.token_ids for o in once] == [o.token_ids for o in per_step]
+    assert [o.logprobs for o in once] == [o.logprobs for o in per_step]  # bit-identical, not merely close
+
+    # the layers are switched inside the block only; a 16-bit model has none to switch
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    with dequantized_4bit_weights(model) as switched:
+        assert switched == n_layers == len(layers) and all("forward" in vars(m) for m in layers)
+    assert not any("forward" in vars(m) for m in layers)
+    with dequantized_4bit_weights(torch.nn.Sequential(torch.nn.Linear(2, 2))) as switched:
+        assert switched == 0
 
 
 def test_encode_accepts_chats_strings_and_ids_and_names_bad_prompts(policy):
