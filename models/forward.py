@@ -81,7 +81,7 @@ def completion_hidden_states(
         hidden: [M, H] with M = completion_mask.sum(), in row-major order of completion_mask;
         targets: [M] the completion tokens those states predict.
     """
-    _check_shapes(input_ids, attention_mask, completion_mask)
+    check_row_layout(input_ids, attention_mask, completion_mask)
     num_completion = completion_mask.shape[1]
     out = decoder_body(model)(
         input_ids=input_ids,
@@ -126,6 +126,23 @@ def completion_logprobs(
     logp[0, 1] scores 8 from the state at 7.
     """
     hidden, targets = completion_hidden_states(model, input_ids, attention_mask, completion_mask)
+    return logprobs_from_states(
+        model, hidden, targets, completion_mask, temperature, backend, return_entropy, entropy_grad
+    )
+
+
+def logprobs_from_states(
+    model,
+    hidden: Tensor,
+    targets: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    return_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The fused log-probs (and entropies) of the tokens ``targets`` [M] predicted by ``hidden`` [M, H], put back
+    at the places of ``completion_mask`` [N, T] (row-major, M = completion_mask.sum()); 0 elsewhere."""
     weight = lm_head_weight(model)
     result = token_logprobs(
         hidden.to(weight.dtype),
@@ -148,7 +165,7 @@ def _scatter(values: Tensor, keep: Tensor) -> Tensor:
     return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
 
 
-def _check_shapes(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> None:
+def check_row_layout(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> None:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [N, L], got shape {tuple(input_ids.shape)}")
     if attention_mask.shape != input_ids.shape:

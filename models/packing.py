@@ -43,8 +43,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from logprob_kernels.logprobs import token_logprobs
-from models.forward import decoder_body, lm_head_weight
+from models.forward import check_row_layout, decoder_body, logprobs_from_states
 
 # Attention implementations that take a custom 4-D mask as-is, and the mask format each expects.
 # "sdpa": torch's scaled_dot_product_attention, boolean (True = may attend) or additive float.
@@ -334,20 +333,9 @@ def shared_prompt_logprobs(
     keep = completion_mask.bool()
     hidden = states.flatten(0, 1)[packed.predictor_index[keep]]  # [M, H]
     targets = input_ids[:, -num_completion:][keep]  # [M]
-    weight = lm_head_weight(model)
-    result = token_logprobs(
-        hidden.to(weight.dtype),
-        weight,
-        targets,
-        temperature,
-        backend,
-        return_entropy=return_entropy,
-        entropy_grad=entropy_grad,
+    return logprobs_from_states(
+        model, hidden, targets, completion_mask, temperature, backend, return_entropy, entropy_grad
     )
-    if return_entropy:
-        logp, entropy = result
-        return _scatter(logp, keep), _scatter(entropy, keep)
-    return _scatter(result, keep)
 
 
 def packed_hidden_states(model, packed: PackedGroups) -> Tensor:
@@ -396,29 +384,9 @@ def _pad_rows(rows: list[Tensor], length: int, value: int) -> Tensor:
     return out
 
 
-def _scatter(values: Tensor, keep: Tensor) -> Tensor:
-    """Put the [M] values back at the True places of `keep` [N, T]; zeros elsewhere (differentiable)."""
-    return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
-
-
 def _check_rows(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> None:
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [N, L], got shape {tuple(input_ids.shape)}")
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids "
-            f"{tuple(input_ids.shape)}"
-        )
-    n, length = input_ids.shape
-    if (
-        completion_mask.dim() != 2
-        or completion_mask.shape[0] != n
-        or not 0 < completion_mask.shape[1] < length
-    ):
-        raise ValueError(
-            f"completion_mask must be [N={n}, T] with 0 < T < L={length} (a prompt token must precede the "
-            f"completion), got shape {tuple(completion_mask.shape)}"
-        )
+    """The row layout of completion_logprobs (shapes, completion attended), and the strict padding packing needs."""
+    check_row_layout(input_ids, attention_mask, completion_mask)
     num_completion = completion_mask.shape[1]
     real = attention_mask.bool()
     no_prompt_end = (~real[:, -num_completion - 1]).nonzero().flatten().tolist()

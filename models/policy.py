@@ -268,7 +268,9 @@ def load_policy(config: Any, device: DeviceLike = None, path: Optional[str] = No
     # adapter_config.json names the base by a name that resolves on another machine: the hub id, or the tiny
     # models' names (resolve_model_path builds them anywhere); a local folder only as its absolute path.
     is_local_folder = os.path.isdir(os.path.expanduser(config.model_name_or_path))
-    model.peft_config["default"].base_model_name_or_path = path if is_local_folder else config.model_name_or_path
+    model.peft_config["default"].base_model_name_or_path = (
+        path if is_local_folder else config.model_name_or_path
+    )
     return model, tokenizer
 
 

@@ -20,25 +20,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_run import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "data" / "fixtures"
 TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
 EVALUATE_SCRIPT = ROOT / "scripts" / "evaluate.py"
 
-# The small run of tests/test_trainer.py (copied: this file must not depend on the trainer's tests), on the
-# random tiny model: every error here comes before a training step, so no warm-started model is needed
+# A small run on the random tiny model: every error here comes before a training step, so no warm-started model is needed
 # (and the random one's cache does not change when data/*.py does).
 TINY_ARGS = [
-    "--model_name_or_path", "tiny-random-qwen2",
-    "--gsm8k_data_files", str(FIXTURES / "gsm8k_{split}.jsonl"),
-    "--pubmedqa_data_files", str(FIXTURES / "pubmedqa_{split}.jsonl"),
-    "--health_benchmarks_data_files", str(FIXTURES / "health_benchmarks_*.jsonl"),
-    "--dtype", "fp32", "--sampler", "hf", "--gradient_checkpointing", "false",
-    "--lora_r", "8", "--lora_alpha", "16",
-    "--num_generations", "4", "--per_device_train_batch_size", "2",
-    "--max_prompt_length", "256", "--max_completion_length", "16",
-    "--max_steps", "2", "--save_steps", "1", "--seed", "7",
+    *tiny("tiny-random-qwen2"), "--gradient_checkpointing", "false", "--per_device_train_batch_size", "2",
+    "--max_completion_length", "16", "--max_steps", "2", "--save_steps", "1", "--seed", "7",
 ]  # fmt: skip
 
 

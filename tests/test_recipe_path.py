@@ -13,21 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_run import tiny
 
 from grpo.config import load_config
 from grpo.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "data" / "fixtures"
 TINY = [
-    "--model_name_or_path", "tiny-qwen2-instruct",
-    "--gsm8k_data_files", str(FIXTURES / "gsm8k_{split}.jsonl"),
-    "--pubmedqa_data_files", str(FIXTURES / "pubmedqa_{split}.jsonl"),
-    "--health_benchmarks_data_files", str(FIXTURES / "health_benchmarks_*.jsonl"),
-    "--dtype", "fp32", "--sampler", "hf", "--lora_r", "8", "--lora_alpha", "16",
-    "--num_generations", "4", "--max_prompt_length", "256", "--max_completion_length", "16",
-    "--learning_rate", "2e-3", "--max_grad_norm", "1.0", "--warmup_ratio", "0.0", "--seed", "11",
-    "--temperature", "1.2",
+    *tiny(), "--max_completion_length", "16", "--learning_rate", "2e-3", "--max_grad_norm", "1.0",
+    "--warmup_ratio", "0.0", "--seed", "11", "--temperature", "1.2",
 ]  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import tiny
 
 from grpo.config import load_config
 from grpo.loss import policy_loss, sequence_mask
@@ -19,20 +20,12 @@ from grpo.metrics import read_metrics
 from models.forward import micro_batches, trim
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "data" / "fixtures"
 
 # A small, fast run: 2 prompts x 4 completions of <= 16 tokens per step.
 TINY_ARGS = [
-    "--model_name_or_path", "tiny-qwen2-instruct",
-    "--gsm8k_data_files", str(FIXTURES / "gsm8k_{split}.jsonl"),
-    "--pubmedqa_data_files", str(FIXTURES / "pubmedqa_{split}.jsonl"),
-    "--health_benchmarks_data_files", str(FIXTURES / "health_benchmarks_*.jsonl"),
-    "--dtype", "fp32", "--sampler", "hf", "--gradient_checkpointing", "false",
-    "--lora_r", "8", "--lora_alpha", "16",
-    "--num_generations", "4", "--per_device_train_batch_size", "2",
-    "--max_prompt_length", "256", "--max_completion_length", "16",
-    "--learning_rate", "1e-3", "--max_grad_norm", "1.0", "--warmup_ratio", "0.0",
-    "--max_steps", "4", "--save_steps", "2", "--seed", "7",
+    *tiny(), "--gradient_checkpointing", "false", "--per_device_train_batch_size", "2",
+    "--max_completion_length", "16", "--learning_rate", "1e-3", "--max_grad_norm", "1.0",
+    "--warmup_ratio", "0.0", "--max_steps", "4", "--save_steps", "2", "--seed", "7",
 ]  # fmt: skip
 
 

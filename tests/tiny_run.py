@@ -1,0 +1,26 @@
+"""The settings the end-to-end tests share: the tiny offline model on the bundled fixtures, small enough that
+a training step takes a second or two on 2 CPU cores. Each test file adds what its own runs need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "data" / "fixtures"
+
+DATA = [
+    "--gsm8k_data_files", str(FIXTURES / "gsm8k_{split}.jsonl"),
+    "--pubmedqa_data_files", str(FIXTURES / "pubmedqa_{split}.jsonl"),
+    "--health_benchmarks_data_files", str(FIXTURES / "health_benchmarks_*.jsonl"),
+]  # fmt: skip
+
+# tiny-qwen2-instruct (or another tiny model), fp32, HF sampler, LoRA r 8, groups of 4, short completions
+SMALL = [
+    *DATA, "--dtype", "fp32", "--sampler", "hf", "--lora_r", "8", "--lora_alpha", "16",
+    "--num_generations", "4", "--max_prompt_length", "256",
+]  # fmt: skip
+
+
+def tiny(model: str = "tiny-qwen2-instruct") -> list[str]:
+    """SMALL on ``model``: the common start of every end-to-end run of the tests."""
+    return ["--model_name_or_path", model, *SMALL]
