@@ -43,7 +43,11 @@ DB_SETS = {"pubmedqa": pubmedqa.DB_SET, "gsm8k": gsm8k.DB_SET, "health_benchmark
 
 
 def load_source(name: str, split: str, config: Any) -> datasets.Dataset:
-    """One source's split, with the data files and options that ``config`` (a GRPOConfig) names."""
+    """One source's split, with the data files and options that ``config`` names.
+
+    config: uses pubmedqa_data_files, pubmedqa_max_context_chars, gsm8k_data_files,
+    health_benchmarks_data_files.
+    """
     if name == "pubmedqa":
         return pubmedqa.load(
             split, config.pubmedqa_data_files, max_context_chars=config.pubmedqa_max_context_chars

@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from grpo.config import GRPOConfig
 from models.samplers import derive_seed
 from rewards import REWARD_FUNCS, combine_rewards
 from rewards.answer import FULL_CREDIT, PARTIAL_CREDIT
@@ -289,13 +290,14 @@ def _settings_dict(settings: Any) -> Optional[dict[str, Any]]:
 # ============================================================================ during training
 
 
-def eval_subset(config: Any, tokenizer: Any, size: int = 16) -> list[dict[str, Any]]:
+def eval_subset(config: GRPOConfig, tokenizer: Any, size: int = 16) -> list[dict[str, Any]]:
     """A small fixed evaluation subset for the trainer: ``size`` rows of each evaluation set.
 
     Drawn once from ``data.mixture.build_eval_datasets(config, tokenizer)`` (so long prompts are already
     dropped), without replacement, with a generator seeded by ``config.seed`` and the set's position:
     the same rows for the whole run and its resumes. Sets are taken in sorted ``db_set`` order
-    ("gsm8k", "med_mc", "pubmedqa"); a set smaller than ``size`` is taken whole.
+    ("gsm8k", "med_mc", "pubmedqa"); a set smaller than ``size`` is taken whole. config: uses seed and what
+    ``build_eval_datasets`` reads.
     """
     from data.mixture import build_eval_datasets
 

@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from grpo.config import GRPOConfig
 
-def make_optimizer(cfg: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+
+def make_optimizer(cfg: GRPOConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """bitsandbytes 8-bit AdamW (the recipe's; it also runs on CPU) or torch AdamW."""
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     if cfg.optim == "adamw_8bit":
@@ -19,7 +21,7 @@ def make_optimizer(cfg: Any, params: list[torch.nn.Parameter]) -> torch.optim.Op
     return torch.optim.AdamW(params, **kwargs)
 
 
-def make_scheduler(cfg: Any, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(cfg: GRPOConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warmup over warmup_ratio * max_steps, then cosine / linear decay (or constant)."""
     from transformers import get_scheduler
 

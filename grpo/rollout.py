@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from grpo.advantages import informative_groups
+from grpo.config import GRPOConfig
 from grpo.metrics import length_metrics, reward_metrics
 from models.samplers import Completion, Sampler, derive_seed
 from rewards import combine_rewards
@@ -116,7 +117,7 @@ def keep_informative(groups: list[Group], weights: torch.Tensor) -> tuple[list[G
 
 
 def sample_rollout(
-    sampler: Sampler, train_data: Any, cfg: Any, accelerator: Any, position: int, timer: Any = None
+    sampler: Sampler, train_data: Any, cfg: GRPOConfig, accelerator: Any, position: int, timer: Any = None
 ) -> tuple[list[Group], int, dict[str, float]]:
     """The rollout's groups (all processes', in stream order), the next stream position, and the
     dynamic-sampling metrics. The rollout starts at ``position`` of the training stream ``train_data``.
@@ -164,23 +165,23 @@ def sample_rollout(
     return (informative + uninformative)[:needed], position, metrics
 
 
-def rollout_prompts(cfg: Any, num_processes: int) -> int:
+def rollout_prompts(cfg: GRPOConfig, num_processes: int) -> int:
     """Prompts per rollout, all processes: per_device_train_batch_size x steps_per_generation x processes."""
     return cfg.per_device_train_batch_size * cfg.effective_steps_per_generation * num_processes
 
 
-def optimizer_steps_per_rollout(cfg: Any) -> int:
+def optimizer_steps_per_rollout(cfg: GRPOConfig) -> int:
     """steps_per_generation / gradient_accumulation_steps: optimiser steps fed by one rollout."""
     return cfg.effective_steps_per_generation // cfg.gradient_accumulation_steps
 
 
-def reward_weights(cfg: Any) -> torch.Tensor:
+def reward_weights(cfg: GRPOConfig) -> torch.Tensor:
     """[K] the weight of each reward function (reward_weights, 1.0 each when None)."""
     return torch.tensor(cfg.reward_weights or [1.0] * len(cfg.reward_funcs), dtype=torch.float32)
 
 
 def step_batch(
-    groups: list[Group], advantages: torch.Tensor, k: int, cfg: Any, accelerator: Any, pad_id: int
+    groups: list[Group], advantages: torch.Tensor, k: int, cfg: GRPOConfig, accelerator: Any, pad_id: int
 ) -> dict[str, Any]:
     """This process's part of optimiser step k of the rollout, as padded tensors on its device.
 

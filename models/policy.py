@@ -171,6 +171,9 @@ def load_base_model(config: Any, device: DeviceLike = None, path: Optional[str] 
     """The base ``AutoModelForCausalLM`` (4-bit NF4 or 16-bit), no adapter, frozen, on `device`.
 
     `path` skips resolving ``config.model_name_or_path`` again (load_policy resolves it once).
+
+    config: uses model_name_or_path, trust_remote_code, load_in_4bit, bnb_4bit_quant_type,
+    bnb_4bit_use_double_quant, dtype.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
