@@ -3,8 +3,8 @@
     python scripts/run_objectives.py                       # every row, 60 steps each, then update the doc
     python scripts/run_objectives.py --rows grpo dapo gspo --steps 100 --no-update-doc
 
-Each row is ``scripts/train.py --config scripts/configs/tiny-cpu.yaml`` with that row's fields (the table's
-"config" column, as ``ROWS`` below spells them) and ``--max_steps``. Columns: final reward (mean reward of
+Each row is ``scripts/train.py --config scripts/configs/tiny-cpu.yaml --steps_per_generation 4`` with that row's
+fields (the table's "config" column, as ``ROWS`` below spells them) and ``--max_steps``. Columns: final reward (mean reward of
 the last quarter of the steps), KL (mean of the last quarter) and clip ratio (``clip_ratio/region_mean``
 over every step; ``cispo_clip_ratio`` for cispo). Prints a table and writes JSON; with the doc update (the
 default) the three last cells of each row of docs/OBJECTIVES.md are replaced.
@@ -27,7 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 from grpo.metrics import read_metrics  # noqa: E402
 
-# bold name in the table -> the fields of its row (on top of scripts/configs/tiny-cpu.yaml)
+# Every row: a rollout of 4 x 6 prompts feeds 4 optimiser steps, so from the second step on the data is
+# off-policy and the clipped, capped and masked objectives differ (on-policy, grpo, bnpo, dapo and cispo
+# have the same gradient).
+BASE = ["--steps_per_generation", "4"]
+# bold name in the table -> the fields of its row (on top of scripts/configs/tiny-cpu.yaml and BASE)
 ROWS = {
     "grpo": [],
     "bnpo": ["--loss_type", "bnpo"],
@@ -47,14 +51,12 @@ ROWS = {
         "4e-4",
         "--beta",
         "0.0",
-        "--steps_per_generation",
-        "4",
-    ],  # fmt: skip
-    "dual-clip": ["--clip_ratio_c", "3.0", "--steps_per_generation", "4"],
-    "delta": ["--delta", "4.0", "--steps_per_generation", "4"],
+    ],
+    "dual-clip": ["--clip_ratio_c", "3.0"],
+    "delta": ["--delta", "4.0"],
     "entropy mask": ["--top_entropy_quantile", "0.2"],
     "entropy bonus": ["--entropy_coef", "0.01"],
-    "OPSM": ["--off_policy_mask_threshold", "0.5", "--steps_per_generation", "4"],
+    "OPSM": ["--off_policy_mask_threshold", "0.5"],
     "bias-corrected KL": ["--use_bias_correction_kl", "true"],
     "IS correction": ["--sampler", "vllm", "--vllm_importance_sampling_mode", "sequence_mask"],
     "GDPO": ["--multi_objective_aggregation", "normalize_then_sum"],
@@ -81,7 +83,7 @@ def run_row(name: str, steps: int, out_root: Path) -> dict:
     output_dir = out_root / re.sub(r"[^a-z0-9]+", "_", name.lower())
     cmd = [
         sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "scripts/configs/tiny-cpu.yaml"),
-        *fields, "--max_steps", str(steps), "--save_steps", str(steps), "--output_dir", str(output_dir),
+        *BASE, *fields, "--max_steps", str(steps), "--save_steps", str(steps), "--output_dir", str(output_dir),
         "--overwrite_output_dir", "true",
     ]  # fmt: skip
     started = time.perf_counter()

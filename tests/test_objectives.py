@@ -25,10 +25,10 @@ TINY = [
 # The rows of docs/OBJECTIVES.md exactly as scripts/run_objectives.py runs them (that script fills the
 # table), but the vLLM one (its own test: test_recipe_path.py), plus two options the table has no row for.
 sys.path.insert(0, str(ROOT / "scripts"))
-from run_objectives import ROWS  # noqa: E402
+from run_objectives import BASE, ROWS  # noqa: E402
 
 sys.path.pop(0)
-OBJECTIVES = {name: fields for name, fields in ROWS.items() if "vllm" not in fields}
+OBJECTIVES = {name: [*BASE, *fields] for name, fields in ROWS.items() if "vllm" not in fields}
 OBJECTIVES["adaptive entropy"] = ["--use_adaptive_entropy", "true", "--entropy_target", "5.0"]
 OBJECTIVES["steps per generation"] = ["--steps_per_generation", "2", "--num_iterations", "2"]
 OBJECTIVES["overlong punishment"] = [
