@@ -97,6 +97,11 @@ def run_row(name: str, steps: int, out_root: Path) -> dict:
     return {**result, "wall_seconds": time.perf_counter() - started, "fields": fields}
 
 
+def ratio(x: float) -> str:
+    """A clip ratio for the table: three decimals, or two significant digits when below 0.01 (but zero)."""
+    return f"{x:.3f}" if x == 0 or x >= 0.01 else f"{x:.1e}"
+
+
 def update_doc(doc: Path, results: dict[str, dict], steps: int) -> None:
     """Replace the last three cells of each measured row of the table."""
     lines = doc.read_text().splitlines()
@@ -109,7 +114,7 @@ def update_doc(doc: Path, results: dict[str, dict], steps: int) -> None:
         cells[-3:] = [
             f"{r['final_reward']:.2f} (from {r['first_reward']:.2f})",
             f"{r['kl']:.4f}",
-            f"{r['clip_ratio']:.3f} |",
+            f"{ratio(r['clip_ratio'])} |",
         ]
         lines[i] = " | ".join(cells)
     doc.write_text("\n".join(lines) + "\n")
@@ -133,7 +138,7 @@ def main() -> None:
         else:
             print(
                 f"{name:<18} reward {r['first_reward']:.3f} -> {r['final_reward']:.3f}  kl {r['kl']:.4f}  "
-                f"clip {r['clip_ratio']:.3f}  ({r['wall_seconds']:.0f} s)",
+                f"clip {ratio(r['clip_ratio'])}  ({r['wall_seconds']:.0f} s)",
                 flush=True,
             )
     report = {
