@@ -374,25 +374,29 @@ def test_combine_rewards_errors():
 
 # ---------------------------------------------------------------------------- format rewards = the reference
 # The reference definitions, written here independently of rewards/format.py: the regular expressions of
-# the recipe (quadratic on some inputs, fine on short strings) and count_xml with str.split.
+# the recipe (quadratic on some inputs, fine on short strings) and count_xml with re instead of str.count/split.
 
 REFERENCE_SOFT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
 REFERENCE_STRICT = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$", re.DOTALL)
 
 
+def after_last(text: str, separator: str) -> str:
+    """What follows the last of the non-overlapping, left-to-right occurrences of separator (the whole
+    text when there is none): str.split's last piece, found here with re.finditer instead."""
+    ends = [m.end() for m in re.finditer(re.escape(separator), text)]
+    return text[ends[-1] :] if ends else text
+
+
 def reference_count_xml(text: str) -> float:
-    count = 0.0
-    if text.count("<reasoning>\n") == 1:
-        count += 0.125
-    if text.count("\n</reasoning>\n") == 1:
-        count += 0.125
-    if text.count("\n<answer>\n") == 1:
-        count += 0.125
-        count -= len(text.split("\n</answer>\n")[-1]) * 0.001
-    if text.count("\n</answer>") == 1:
-        count += 0.125
-        count -= (len(text.split("\n</answer>")[-1]) - 1) * 0.001
-    return count
+    """The recipe's count_xml: 0.125 per tag found exactly once, minus 0.001 per character after the answer."""
+    tags = ["<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>"]
+    found = [len(re.findall(re.escape(tag), text)) == 1 for tag in tags]
+    score = 0.125 * sum(found)
+    if found[2]:
+        score -= len(after_last(text, "\n</answer>\n")) * 0.001
+    if found[3]:
+        score -= (len(after_last(text, "\n</answer>")) - 1) * 0.001
+    return score
 
 
 # The tag alphabet: whole tags, their parts, the layout's separators, and every kind of whitespace that
@@ -462,7 +466,7 @@ def test_format_rewards_equal_the_reference_patterns_on_random_tag_strings(seed)
     for text, got, want in zip(texts, strict, expected_strict, strict=True):
         assert got == want, f"strict {text!r}"
     for text in texts:
-        assert count_xml(text) == reference_count_xml(text), repr(text)
+        assert count_xml(text) == pytest.approx(reference_count_xml(text), abs=1e-12), repr(text)
     # the comparison means something only if both outcomes occur often
     assert 100 < expected_soft.count(0.5) < len(texts) - 100
     assert 100 < expected_strict.count(0.5) < len(texts) - 100
@@ -489,7 +493,7 @@ def test_format_rewards_equal_the_reference_on_hand_picked_edge_cases():
     for text in cases:
         assert soft_format_reward_func([text]) == [0.5 if REFERENCE_SOFT.match(text) else 0.0], repr(text)
         assert strict_format_reward_func([text]) == [0.5 if REFERENCE_STRICT.match(text) else 0.0], repr(text)
-        assert count_xml(text) == reference_count_xml(text), repr(text)
+        assert count_xml(text) == pytest.approx(reference_count_xml(text), abs=1e-12), repr(text)
 
 
 # ---------------------------------------------------------------------------- linear time
