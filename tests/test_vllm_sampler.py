@@ -255,6 +255,94 @@ def test_export_folder_takes_the_first_parent_with_room(tmp_path):
             os.rmdir(in_ram)
 
 
+# ---------------------------------------------------------------------------- one export per node
+
+# Run by each process of `accelerate launch`: export a folder (a marker file naming the writer) into
+# <tmp>/exports through export_once_per_node and write what this process got to <tmp>/result-<rank> (a file
+# each: two processes printing to one pipe can interleave). FAIL=1 makes the export raise.
+EXPORT_SCRIPT = """
+import json, os, sys, tempfile
+sys.path.insert(0, sys.argv[1])
+from accelerate import Accelerator
+from models.vllm_sampler import export_once_per_node
+
+state = Accelerator().state  # as grpo.trainer.setup makes one before make_sampler (gloo on CPU)
+exports = os.path.join(sys.argv[2], "exports")
+
+def export():
+    if os.environ.get("FAIL"):
+        raise OSError("disk full")
+    folder = tempfile.mkdtemp(dir=exports)
+    with open(os.path.join(folder, "writer"), "w") as fh:
+        fh.write(str(state.process_index))
+    return folder
+
+try:
+    folder, owner = export_once_per_node(export)
+    result = json.dumps({"folder": folder, "owner": owner})
+except Exception as exc:
+    result = f"{type(exc).__name__}: {exc}"
+with open(os.path.join(sys.argv[2], f"result-{state.process_index}"), "w") as fh:
+    fh.write(result)
+"""
+
+
+def launch_two(tmp_path, fail: bool) -> list[str]:
+    """Run EXPORT_SCRIPT in 2 CPU processes (one node); what ranks 0 and 1 got."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "export_once.py"
+    script.write_text(EXPORT_SCRIPT)
+    (tmp_path / "exports").mkdir()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "FAIL": "1" if fail else ""}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(script), str(os.path.dirname(os.path.dirname(__file__))), str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [(tmp_path / f"result-{rank}").read_text() for rank in (0, 1)]
+
+
+def test_two_processes_of_a_node_share_one_export(tmp_path):
+    results = [json.loads(text) for text in launch_two(tmp_path, False)]
+    folders = os.listdir(tmp_path / "exports")
+    assert len(folders) == 1  # written once
+    assert results[0]["folder"] == results[1]["folder"] == str(tmp_path / "exports" / folders[0])
+    assert (tmp_path / "exports" / folders[0] / "writer").read_text() == "0"  # by the node's first process
+    assert [r["owner"] for r in results] == [True, False]  # which removes it
+
+
+def test_a_failed_export_reaches_every_process_of_the_node(tmp_path):
+    assert launch_two(tmp_path, True) == [
+        "OSError: disk full",
+        "ExportError: the first process of this node could not export the base: OSError: disk full",
+    ]
+
+
+def test_each_node_takes_its_own_first_process_folder(monkeypatch):
+    """Two nodes of two processes (ranks 0, 1 | 2, 3): rank 3 gets rank 2's folder and does not own it."""
+    import accelerate
+    import accelerate.utils
+
+    from models.vllm_sampler import export_once_per_node
+
+    class FakeState:
+        num_processes, process_index, local_process_index = 4, 3, 1
+
+    calls = []
+    monkeypatch.setattr(accelerate, "PartialState", FakeState)
+    monkeypatch.setattr(
+        accelerate.utils,
+        "gather_object",
+        lambda mine: [("/node0", None), (None, None), ("/node1", None), mine[0]],
+    )
+    assert export_once_per_node(lambda: calls.append(1) or "/mine") == ("/node1", False)
+    assert calls == []  # not the node's first process: it never exports
+
+
 # ---------------------------------------------------------------------------- the engine (vLLM)
 
 
