@@ -385,13 +385,16 @@ def update_entropy_control(run: Run, entropy: float) -> None:
 # ============================================================================ setup and the run
 
 
-def setup(cfg: GRPOConfig) -> Run:
+def setup(cfg: GRPOConfig, train_data: MixtureStream | None = None) -> Run:
     """Build everything a run needs, in the order a reader would: process group, output folder and checkpoint
-    checks (before anything heavy), model, data, optimiser, sampler."""
+    checks (before anything heavy), model, data, optimiser, sampler.
+
+    train_data: in place of the config's data mixture, any stream with ``rows(start, count)`` giving row
+    dicts (``prompt``, ``answer``, ``db_set``), e.g. the benchmarks' synthetic prompts (``datasets`` is then
+    never imported: the GPU benchmark image has none)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from data.mixture import build_train_dataset
     from models.policy import load_policy, load_tokenizer, resolve_dtype, resolve_model_path
     from models.samplers import make_sampler
 
@@ -409,10 +412,12 @@ def setup(cfg: GRPOConfig) -> Run:
             resume_from, read_trainer_state(resume_from), cfg.to_dict(), accelerator.num_processes
         )
     model_path = resolve_model_path(cfg.model_name_or_path)
-    # the data first: a bad data file fails in seconds, before the model is loaded
-    train_data = build_train_dataset(
-        cfg, load_tokenizer(model_path, cfg.trust_remote_code, cfg.model_name_or_path)
-    )
+    if train_data is None:  # the data first: a bad data file fails in seconds, before the model is loaded
+        from data.mixture import build_train_dataset
+
+        train_data = build_train_dataset(
+            cfg, load_tokenizer(model_path, cfg.trust_remote_code, cfg.model_name_or_path)
+        )
     model, tokenizer = load_policy(cfg, device=accelerator.device, path=model_path)
     trainable = [p for p in model.parameters() if p.requires_grad]
     say(

@@ -77,9 +77,7 @@ def main() -> dict:
         argv = ["--model_name_or_path", model_dir, *QWEN_PRESET, *argv]
     argv += ["--output_dir", str(Path(scratch.name) / "run"), "--max_steps", str(args.steps + 1)]
     cfg = load_config(argv)
-    run = setup(cfg)
-    if args.preset:
-        run.train_data = SyntheticPrompts(args.prompt_tokens)
+    run = setup(cfg, SyntheticPrompts(args.prompt_tokens) if args.preset else None)
 
     rows, peaks = [], []
     for i in range(args.steps + 1):

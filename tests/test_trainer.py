@@ -348,3 +348,42 @@ def test_mask_truncated_completions_leaves_them_out_of_the_loss(tmp_path):
     assert all(r["loss"] == 0.0 and r["grad_norm"] == 0.0 for r in records)
     weights = load_file(str(tmp_path / "checkpoint-4" / "adapter_model.safetensors"))
     assert all(v.abs().sum() == 0 for k, v in weights.items() if "lora_B" in k)
+
+
+STREAM_RUN = """
+import sys
+sys.modules["datasets"] = None  # as on the GPU benchmark image: importing it fails
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from tiny_run import tiny
+from grpo.config import load_config
+from grpo.trainer import grpo_step, setup
+
+class OnePrompt:
+    def rows(self, start, count):
+        prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+        return [{"prompt": prompt, "answer": "5", "db_set": "gsm8k"}] * count
+
+cfg = load_config([*tiny(sys.argv[3]), "--per_device_train_batch_size", "2", "--max_completion_length", "8",
+                   "--max_steps", "1", "--output_dir", sys.argv[2]])
+record = grpo_step(setup(cfg, OnePrompt()))[-1]
+print("REWARD", record["reward"], "ROWS", cfg.per_device_train_batch_size * cfg.num_generations)
+"""
+
+
+def test_setup_takes_a_prompt_stream_in_place_of_the_data_mixture(tmp_path):
+    """setup(cfg, train_data) trains on the given stream and never imports `datasets` (bench_step's presets:
+    a model folder and synthetic prompts). The tiny model's folder is resolved here: building it reads the
+    bundled data."""
+    from models.policy import resolve_model_path
+
+    model_dir = resolve_model_path("tiny-qwen2-instruct")
+    script = tmp_path / "stream_run.py"
+    script.write_text(STREAM_RUN)
+    done = subprocess.run(
+        [sys.executable, str(script), str(ROOT), str(tmp_path / "run"), model_dir],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("REWARD"))
+    reward, rows = float(line.split()[1]), int(line.split()[3])
+    assert rows == 8 and 0.0 <= reward <= 4.0
