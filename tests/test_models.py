@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_run import randomise_adapter
 
 from grpo.config import LORA_TARGETS, GRPOConfig
 from models.forward import completion_logprobs, lm_head_weight, position_ids_from_mask
@@ -102,15 +103,6 @@ def full_logits_logprobs(model, input_ids, attention_mask, completion_mask, temp
     t = completion_mask.shape[1]
     logp = torch.log_softmax(logits[:, -t - 1 : -1].float() / temperature, dim=-1)
     return logp.gather(-1, input_ids[:, -t:, None]).squeeze(-1) * completion_mask
-
-
-def randomise_adapter(model, seed: int = 0, scale: float = 0.05) -> None:
-    """Give every LoRA B a non-zero value so the adapter changes the outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def lora_layer_names(model) -> set[str]:
@@ -296,7 +288,7 @@ def test_unreachable_hub_id_gives_a_clear_error(offline, monkeypatch):
 
 def test_hidden_state_path_equals_log_softmax_of_the_models_logits(tiny_path):
     model, tokenizer = load_policy(make_config(tiny_path), device="cpu")
-    randomise_adapter(model)  # so the LoRA path is part of what is compared
+    randomise_adapter(model, 0.05)  # so the LoRA path is part of what is compared
     input_ids, attention_mask, completion_mask = batch_of(tokenizer)
     temperature = 0.7
 
@@ -392,7 +384,7 @@ def test_saved_adapter_reloads_with_peft_and_load_adapter(tiny_path, tmp_path):
 
     config = make_config(tiny_path)
     model, tokenizer = load_policy(config, device="cpu")
-    randomise_adapter(model, seed=3)
+    randomise_adapter(model, 0.05, seed=3)
     batch = batch_of(tokenizer)
     with torch.no_grad():
         expected = completion_logprobs(model, *batch)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import transformers.models.qwen2.modeling_qwen2 as modeling_qwen2
+from tiny_run import randomise_adapter
 
 import models.packing
 from grpo.config import GRPOConfig
@@ -165,15 +166,6 @@ def make_config(**overrides) -> GRPOConfig:
     return GRPOConfig(**values)
 
 
-def randomise_adapter(model, seed: int = 0, scale: float = 0.1) -> None:
-    """Non-zero LoRA B matrices, so the adapter changes the prompt's activations (and has gradients)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
-
-
 @pytest.fixture(scope="module")
 def policies():
     """{load_in_4bit: model}, gradient checkpointing enabled as the recipe loads it, adapter randomised."""
@@ -182,7 +174,7 @@ def policies():
         model, _ = load_policy(
             make_config(load_in_4bit=load_in_4bit, gradient_checkpointing=True), device="cpu"
         )
-        randomise_adapter(model)
+        randomise_adapter(model, 0.1)
         models[load_in_4bit] = model
     return models
 

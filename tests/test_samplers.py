@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+from tiny_run import randomise_adapter
 
 from grpo.config import GRPOConfig
 from grpo.metrics import sampler_mismatch
@@ -110,21 +111,12 @@ def tiny_config(**overrides) -> GRPOConfig:
     return GRPOConfig(**fields)
 
 
-def randomise_adapter(model, std: float, seed: int) -> None:
-    """PEFT starts B at zero (adapter = no-op); give it weight so that adapter on != adapter off."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
-
-
 @pytest.fixture(scope="module")
 def policy():
     from models.policy import load_policy
 
     model, tokenizer = load_policy(tiny_config(), device="cpu")
-    randomise_adapter(model, std=0.3, seed=0)
+    randomise_adapter(model, 0.3)
     model.train()  # as the trainer leaves it: the sampler must switch to eval and back
     return model, tokenizer
 
@@ -416,7 +408,7 @@ def policy_4bit():
     from models.policy import load_policy
 
     model, tokenizer = load_policy(tiny_config(load_in_4bit=True), device="cpu")
-    randomise_adapter(model, std=0.3, seed=0)
+    randomise_adapter(model, 0.3)
     model.train()
     return model, tokenizer
 

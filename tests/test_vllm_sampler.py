@@ -19,6 +19,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_run import randomise_adapter
 
 from grpo.config import GRPOConfig
 from grpo.metrics import sampler_mismatch
@@ -61,15 +62,6 @@ def tiny_config(**overrides) -> GRPOConfig:
     return GRPOConfig(**fields)
 
 
-def randomise_adapter(model, std: float, seed: int) -> None:
-    """PEFT starts B at zero (adapter = no-op); give it weight so that adapter on != adapter off."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
-
-
 def adapter_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
 
@@ -83,7 +75,7 @@ def model_path() -> str:
 def policy(model_path):
     """The trainer's policy: 4-bit NF4 base (compute fp32) + a non-zero LoRA adapter."""
     model, tokenizer = load_policy(tiny_config(), device="cpu", path=model_path)
-    randomise_adapter(model, std=0.3, seed=0)
+    randomise_adapter(model, 0.3)
     return model, tokenizer
 
 

@@ -1,5 +1,6 @@
 """The settings the end-to-end tests share: the tiny offline model on the bundled fixtures, small enough that
-a training step takes a second or two on 2 CPU cores. Each test file adds what its own runs need."""
+a training step takes a second or two on 2 CPU cores. Each test file adds what its own runs need. Also the
+one helper several test files share: ``randomise_adapter``."""
 
 from __future__ import annotations
 
@@ -24,3 +25,15 @@ SMALL = [
 def tiny(model: str = "tiny-qwen2-instruct") -> list[str]:
     """SMALL on ``model``: the common start of every end-to-end run of the tests."""
     return ["--model_name_or_path", model, *SMALL]
+
+
+def randomise_adapter(model, scale: float, seed: int = 0) -> None:
+    """PEFT starts every LoRA B at zero (the adapter is a no-op): give each one N(0, scale^2) entries drawn
+    from ``seed``, so that adapter on != adapter off and the LoRA path is part of what a test compares."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
