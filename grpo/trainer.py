@@ -529,6 +529,8 @@ def fit(run: Run) -> Path:
         plot = plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
         print(f"adapter: {final}\nmetrics: {output_dir / 'metrics.jsonl'}\nplot:    {plot}")
     run.sampler.close()
+    accelerator.wait_for_everyone()  # leave together (the main process was still plotting), then
+    accelerator.end_training()  # close trackers and destroy the process group before the interpreter exits
     if stopped_by is not None:
         raise TrainingInterrupted(
             f"{stopped_by} at step {state.step}: saved {final}; continue with --resume_from_checkpoint latest"

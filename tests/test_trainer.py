@@ -199,6 +199,44 @@ def test_sigkill_then_resume_from_the_last_whole_checkpoint(finished_run, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_stops_cleanly_saves_and_the_run_resumes_exactly(finished_run, tmp_path, sig):
+    """Ctrl-C or SIGTERM during a step: that step ends, a checkpoint and the plot are saved, one line says
+    where and how to go on, exit 130; resuming from it gives the uninterrupted run's numbers."""
+    import re
+
+    out, _ = finished_run
+    cmd, kw = _cli(*TINY_ARGS, "--output_dir", str(tmp_path), "--save_steps", "100")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)  # the first step is logged: the signal lands in a later one
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(
+        rf"interrupted: {sig.name} at step (\d+): saved (.+); continue with --resume_from_checkpoint latest",
+        last,
+    )
+    assert match, last
+    step = int(match.group(1))
+    assert 1 <= step < 4 and match.group(2) == str(tmp_path / f"checkpoint-{step}")
+    assert json.loads((tmp_path / f"checkpoint-{step}" / "trainer_state.json").read_text())["step"] == step
+    assert [r["step"] for r in read_metrics(metrics)] == list(range(1, step + 1))
+    assert (tmp_path / "metrics.png").is_file()
+
+    cmd, kw = _cli(*TINY_ARGS, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest")
+    result = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert result.returncode == 0, result.stderr[-2000:]
+    full, resumed = read_metrics(out / "metrics.jsonl"), read_metrics(metrics)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert [r["reward"] for r in resumed] == [r["reward"] for r in full]
+
+
+@pytest.mark.slow
 def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     import grpo.trainer as trainer
 

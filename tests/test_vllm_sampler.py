@@ -276,6 +276,9 @@ except Exception as exc:
     result = f"{type(exc).__name__}: {exc}"
 with open(os.path.join(sys.argv[2], f"result-{state.process_index}"), "w") as fh:
     fh.write(result)
+# leave together: a process that exits while its peer still holds the gloo group can abort the peer
+state.wait_for_everyone()
+state.destroy_process_group()
 """
 
 
