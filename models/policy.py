@@ -215,6 +215,23 @@ def _keep_one_cpu_4bit_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def lora_config(config: Any):
+    """The ``peft.LoraConfig`` of the policy's adapter (also handed to TRL by scripts/bench_vs_trl.py).
+
+    config: uses lora_r, lora_alpha, lora_dropout, lora_target_modules.
+    """
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
 def load_policy(config: Any, device: DeviceLike = None, path: Optional[str] = None):
     """Load the trainable policy: the base (4-bit NF4 unless ``load_in_4bit: false``) plus a fresh LoRA.
 
@@ -233,7 +250,7 @@ def load_policy(config: Any, device: DeviceLike = None, path: Optional[str] = No
     Raises:
         ModelLoadError: the model cannot be found or loaded; the message names model_name_or_path.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     path = path or resolve_model_path(config.model_name_or_path)
     tokenizer = load_tokenizer(path, config.trust_remote_code, name=config.model_name_or_path)
@@ -257,14 +274,7 @@ def load_policy(config: Any, device: DeviceLike = None, path: Optional[str] = No
             f"lora_target_modules={list(config.lora_target_modules)!r}: no {', '.join(missing)} in "
             f"{config.model_name_or_path} (its linear layers: {', '.join(layers)})"
         )
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    lora = lora_config(config)
     with torch.random.fork_rng(devices=[]):  # the A matrices are random: seed them, leave global RNG alone
         torch.manual_seed(config.seed)
         model = get_peft_model(model, lora)

@@ -227,20 +227,6 @@ def check_comparable(cfg: GRPOConfig) -> None:
         raise NotComparable("; ".join(problems))
 
 
-def lora_config(cfg: GRPOConfig):
-    """The LoraConfig ``models.policy.load_policy`` builds for ``cfg``."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
 def trl_grpo_config(cfg: GRPOConfig, output_dir: str):
     """TRL 1.16's GRPOConfig for the same work as ours with ``cfg``.
 
@@ -358,7 +344,7 @@ def build_trl_trainer(cfg: GRPOConfig, output_dir: str, rows: list[dict] | None,
     from peft import prepare_model_for_kbit_training
     from transformers import PrinterCallback
 
-    from models.policy import default_device, load_base_model, load_tokenizer, resolve_model_path
+    from models.policy import default_device, load_base_model, load_tokenizer, lora_config, resolve_model_path
     from rewards import resolve_reward_func
 
     path = resolve_model_path(cfg.model_name_or_path)
@@ -390,7 +376,7 @@ def build_trl_trainer(cfg: GRPOConfig, output_dir: str, rows: list[dict] | None,
             args=trl_grpo_config(cfg, output_dir),
             train_dataset=datasets.Dataset.from_list(rows),
             processing_class=tokenizer,
-            peft_config=lora_config(cfg),
+            peft_config=lora_config(cfg),  # the adapter load_policy builds
         )
     finally:
         trl_grpo.get_peft_model = trl_get_peft_model
