@@ -528,8 +528,8 @@ def fit(run: Run) -> Path:
     if accelerator.is_main_process:
         plot = plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
         print(f"adapter: {final}\nmetrics: {output_dir / 'metrics.jsonl'}\nplot:    {plot}")
-    run.sampler.close()
-    accelerator.wait_for_everyone()  # leave together (the main process was still plotting), then
+    accelerator.wait_for_everyone()  # leave together (the main process was plotting): no process samples now,
+    run.sampler.close()  # so the node's shared copy of the base can go with the first process's sampler
     accelerator.end_training()  # close trackers and destroy the process group before the interpreter exits
     if stopped_by is not None:
         raise TrainingInterrupted(

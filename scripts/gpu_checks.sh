@@ -47,5 +47,4 @@ step bench_step 150 python scripts/bench_step.py --preset qwen2.5-3b --steps 1 \
 # 5. the HF sampler alone at the recipe's shape (6 completions of up to 1,024 tokens): tokens/s
 step bench_sampler 120 python scripts/bench_sampler.py --preset qwen2.5-3b --samplers hf \
     --out "$OUT/bench_sampler_qwen2.5-3b.json"
-cp outputs/bench_*.json "$OUT/" 2>/dev/null || true
 echo "done: $OUT"

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -284,9 +286,6 @@ state.destroy_process_group()
 
 def launch_two(tmp_path, fail: bool) -> list[str]:
     """Run EXPORT_SCRIPT in 2 CPU processes (one node); what ranks 0 and 1 got."""
-    import subprocess
-    import sys
-
     script = tmp_path / "export_once.py"
     script.write_text(EXPORT_SCRIPT)
     (tmp_path / "exports").mkdir()
