@@ -565,3 +565,51 @@ def logprobs_with_grad(model, batch: dict) -> torch.Tensor:
     width, t = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
     logp = torch.log_softmax(logits[:, width - 1 : width - 1 + t], dim=-1)
     return logp.gather(2, batch["completion_ids"][:, :, None]).squeeze(2) * batch["completion_mask"]
+
+
+# ---------------------------------------------------------------------------- each prompt prefilled once (HF)
+
+# The samples the HF sampler drew *before* it prefilled each prompt once per group (commit 495c9ca, where every
+# completion's row ran its whole prompt through the model), for the cases below: written by
+# ``python tests/test_samplers.py --record-prefill-fixture`` on that implementation, then never rewritten.
+PREFILL_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_samples_before_prefill_once.json")
+# (name, 4-bit base, prompts, G, settings, batch_size): prompts of different lengths (the left padding moves
+# with the batch), chunks that cut a group in two (batch_size 5 with G = 4), a top-k / top-p case, greedy.
+PREFILL_CASES = [
+    ("layout_t1", False, LAYOUT_PROMPTS, 4, SamplingSettings(temperature=1.0, max_completion_length=16), None),
+    ("layout_t1_chunks_of_5", False, LAYOUT_PROMPTS, 4, SamplingSettings(temperature=1.0, max_completion_length=16), 5),
+    ("topk_topp_t07", False, PROMPTS[:3], 3, SamplingSettings(temperature=0.7, top_k=50, top_p=0.9, max_completion_length=12), None),
+    ("greedy", False, LAYOUT_PROMPTS, 2, SamplingSettings(temperature=0.0, max_completion_length=10), None),
+    ("nf4_t1", True, LAYOUT_PROMPTS[:2] + LAYOUT_PROMPTS[4:], 3, SamplingSettings(temperature=1.0, max_completion_length=12), None),
+]  # fmt: skip
+
+
+def prefill_case_samples(model, tokenizer, case, **sampler_options) -> list[dict]:
+    """The completions (token ids, log-probs) the HF sampler draws for one of PREFILL_CASES, seeds from 77."""
+    _, _, prompts, group, settings, batch_size = case
+    sampler = HFSampler(model, tokenizer, settings, batch_size=batch_size, **sampler_options)
+    prompt_ids = sampler.encode(prompts)
+    outputs = sampler.generate(prompt_ids, group, seeds_for(prompt_ids, 77))
+    return [{"token_ids": o.token_ids, "logprobs": o.logprobs} for o in outputs]
+
+
+def record_prefill_fixture() -> None:
+    """Write PREFILL_FIXTURE from the HF sampler as it is now (run once, before the prefill-once change)."""
+    import json
+
+    from models.policy import load_policy
+
+    recorded = {}
+    for case in PREFILL_CASES:
+        model, tokenizer = load_policy(tiny_config(load_in_4bit=case[1]), device="cpu")
+        randomise_adapter(model, 0.3)
+        recorded[case[0]] = prefill_case_samples(model, tokenizer, case)
+    with open(PREFILL_FIXTURE, "w") as fh:
+        json.dump(recorded, fh)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--record-prefill-fixture" in sys.argv:
+        record_prefill_fixture()
