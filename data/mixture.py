@@ -207,13 +207,6 @@ class MixtureStream:
         for epoch in itertools.count():
             yield from self.epoch(epoch)
 
-    def source_counts(self, start: int, count: int) -> dict[str, int]:
-        """How many of the rows ``[start, start + count)`` come from each db_set (for checks and logs)."""
-        counts: dict[str, int] = {}
-        for row in self.rows(start, count):
-            counts[row["db_set"]] = counts.get(row["db_set"], 0) + 1
-        return counts
-
 
 def _custom_stream(config: Any, tokenizer) -> MixtureStream:
     """The training stream of a user's own dataset (config.dataset_name), its test split held out."""
