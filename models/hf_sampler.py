@@ -16,7 +16,11 @@ says how HF generate fills it:
    from (the processed scores, without the noise), kept as one float per token: no [B, V] outlives its step.
 4. On CPU, a 4-bit base is dequantised once per call instead of at every decoding step
    (:func:`dequantized_4bit_weights`): the same numbers, with less time and far fewer stalls on busy cores.
-5. The model folder's generation_config is swapped out meanwhile (Qwen2.5-Instruct ships top_k 20 and a
+5. Each prompt is prefilled once per group (:func:`prefill_prompts_once`): its KV cache is computed for one row
+   and copied to the G rows of its completions, instead of G identical prefills (what generate's own
+   ``num_return_sequences`` does: it repeats the input ids first). The same samples (tested against samples
+   recorded before the change).
+6. The model folder's generation_config is swapped out meanwhile (Qwen2.5-Instruct ships top_k 20 and a
    repetition penalty that generate would otherwise add), and the global RNG is never touched.
 
 Why not ``do_sample=True``: HF draws every row from the one global stream with ``torch.multinomial``, so
@@ -187,6 +191,8 @@ class HFSampler(Sampler):
     (``dequantized_4bit_weights``: the same numbers, faster on CPU, the base held in the compute dtype
     meanwhile). None (default) = on for a CPU model; off on GPU, where it is not measured yet and would hold
     about 5.5 GB more at Qwen2.5-3B's shape.
+    ``prefill_once``: run each prompt through the model once and give its KV cache to its G rows
+    (``prefill_prompts_once``; the same samples); False = every row prefills its own copy of the prompt.
     """
 
     name = "hf"
@@ -199,6 +205,7 @@ class HFSampler(Sampler):
         stop_token_ids: Optional[Sequence[int]] = None,
         batch_size: Optional[int] = None,
         dequantize_once: Optional[bool] = None,
+        prefill_once: bool = True,
     ) -> None:
         hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         gen_cfg = getattr(hf_model, "generation_config", None)
@@ -210,6 +217,7 @@ class HFSampler(Sampler):
         self.model = model
         self.batch_size = batch_size
         self.dequantize_once = dequantize_once
+        self.prefill_once = prefill_once
 
     def update_policy(self, model: Any) -> None:
         self.model = model  # generate runs on the live policy: nothing to copy
@@ -271,14 +279,22 @@ class HFSampler(Sampler):
             repetition_penalty=1.0,
         )
         hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        # Each prompt once: its KV cache (all but its last token), copied to the rows of its completions.
+        prompt_cache = None
+        if self.prefill_once and width > 1:
+            prompt_cache = prefill_prompts_once(
+                self.model, input_ids, attention_mask, [p for p, _, _ in rows]
+            )
         # generate fills every unset field from model.generation_config (Qwen2.5-Instruct ships
         # temperature 0.7, top_k 20, top_p 0.8, repetition_penalty 1.05): swap in a neutral one meanwhile.
         saved_config = hf_model.generation_config
         hf_model.generation_config = GenerationConfig()
         try:
             sequences = self.model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=prompt_cache,
                 generation_config=generation_config,
                 logits_processor=LogitsProcessorList([*warpers(settings), draw]),
             )
@@ -296,6 +312,55 @@ class HFSampler(Sampler):
             )
             for i, ((prompt_index, _, _), n) in enumerate(zip(rows, lengths.tolist(), strict=True))
         ]
+
+
+def first_rows(prompt_indices: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(the first row of each run of equal prompt indices, the run each row belongs to).
+
+    Rows come in groups (``[p0g0, p0g1, p1g0, ...]``), possibly cut by a chunk. Example: [3, 3, 3, 4, 4] ->
+    ([0, 3], [0, 0, 0, 1, 1]): prompt 3 is prefilled from row 0 for rows 0-2, prompt 4 from row 3 for 3-4.
+    """
+    firsts: list[int] = []
+    owners: list[int] = []
+    for row, prompt in enumerate(prompt_indices):
+        if row == 0 or prompt != prompt_indices[row - 1]:
+            firsts.append(row)
+        owners.append(len(firsts) - 1)
+    return firsts, owners
+
+
+def prefill_prompts_once(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_indices: Sequence[int]
+) -> Any:
+    """The KV cache of every row's prompt but its last token, computed once per prompt: a DynamicCache.
+
+    input_ids, attention_mask: [B, W], left-padded, one row per completion (a prompt's G rows are equal);
+    prompt_indices: [B] the prompt of each row. The P distinct prompts run through the model once ([P, W - 1]),
+    then each one's cache is copied to its rows (``batch_select_indices`` with repeated indices), so a prompt
+    is prefilled once per group instead of G times. ``generate`` then feeds each row's last prompt token
+    (which yields the first completion token's logits) and decodes as before: with G = 8, 7/8 of the prompt
+    work is gone, and the samples are the same (the last prompt token and every later one attend to the same
+    keys and values; only the float rounding of the prompt's matmuls, [P, ...] instead of [B, ...], may move).
+
+    Positions are generate's own: ``cumsum(mask) - 1``, padding set to 1 (masked out anyway).
+    """
+    from transformers import DynamicCache
+
+    firsts, owners = first_rows(prompt_indices)
+    ids, mask = input_ids[firsts, :-1], attention_mask[firsts, :-1]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    cache = DynamicCache()
+    # logits_to_keep=1: the prompt's logits are not needed (generate computes the last token's), only its cache
+    model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache.batch_select_indices(torch.tensor(owners, device=input_ids.device))
+    return cache
 
 
 def completion_lengths(new_tokens: torch.Tensor, stop_token_ids: Sequence[int]) -> torch.Tensor:

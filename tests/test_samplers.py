@@ -27,6 +27,7 @@ from models.hf_sampler import (
     chosen_token_logprobs,
     completion_lengths,
     dequantized_4bit_weights,
+    first_rows,
     warpers,
 )
 from models.policy import resolve_dtype, resolve_model_path
@@ -606,6 +607,64 @@ def record_prefill_fixture() -> None:
         recorded[case[0]] = prefill_case_samples(model, tokenizer, case)
     with open(PREFILL_FIXTURE, "w") as fh:
         json.dump(recorded, fh)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=[c[0] for c in PREFILL_CASES])
+def test_hf_prefill_once_draws_the_samples_recorded_before_it(case):
+    """Token for token the completions of the implementation that prefilled every row (PREFILL_FIXTURE), and
+    today's without prefill-once; log-probs within 1e-5 (float rounding: the prompt's matmuls run on P rows
+    instead of P x G; measured max difference 9.5e-7)."""
+    import json
+
+    from models.policy import load_policy
+
+    with open(PREFILL_FIXTURE) as fh:
+        recorded = json.load(fh)[case[0]]
+    model, tokenizer = load_policy(tiny_config(load_in_4bit=case[1]), device="cpu")
+    randomise_adapter(model, 0.3)
+    once = prefill_case_samples(model, tokenizer, case)
+    every_row = prefill_case_samples(model, tokenizer, case, prefill_once=False)
+    assert [o["token_ids"] for o in once] == [o["token_ids"] for o in recorded]
+    assert [o["token_ids"] for o in every_row] == [o["token_ids"] for o in recorded]
+    for got, want in zip(once, recorded, strict=True):
+        torch.testing.assert_close(
+            torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]), atol=1e-5, rtol=0
+        )
+
+
+def test_first_rows_of_each_prompt():
+    assert first_rows([3, 3, 3, 4, 4]) == ([0, 3], [0, 0, 0, 1, 1])
+    assert first_rows([0]) == ([0], [0])
+    assert first_rows([1, 2, 2]) == ([0, 1], [0, 1, 1])  # a chunk that starts inside prompt 1's group
+
+
+def test_hf_prefill_once_runs_each_prompt_through_the_model_once(policy):
+    """Count the token positions the model embeds. 2 prompts (the longer one W tokens), G = 4, 3 new tokens.
+    Prefill-once: the 2 prompts without their last token, [2, W - 1], then [8, 1] three times (each row's last
+    prompt token gives new token 1, new tokens 1 and 2 give tokens 2 and 3). Every row on its own: [8, W]
+    (token 1), then [8, 1] twice."""
+    model, tokenizer = policy
+    settings = SamplingSettings(temperature=1.0, max_completion_length=3)
+    prompt_ids = [encode_prompt(tokenizer, p) for p in (LAYOUT_PROMPTS[0], LAYOUT_PROMPTS[3])]
+    width = max(len(ids) for ids in prompt_ids)
+    assert len(prompt_ids[0]) < width  # the shorter prompt is left-padded
+    embedded: list[tuple[int, int]] = []
+    embedding = model.get_base_model().get_input_embeddings()
+    hook = embedding.register_forward_hook(lambda module, args, out: embedded.append(tuple(args[0].shape)))
+    try:
+        once = HFSampler(model, tokenizer, settings).generate(prompt_ids, 4, seeds_for(prompt_ids, 9))
+        calls_once, embedded[:] = list(embedded), []
+        every = HFSampler(model, tokenizer, settings, prefill_once=False).generate(
+            prompt_ids, 4, seeds_for(prompt_ids, 9)
+        )
+        calls_every = list(embedded)
+    finally:
+        hook.remove()
+    assert calls_once == [(2, width - 1), (8, 1), (8, 1), (8, 1)]
+    assert calls_every == [(8, width), (8, 1), (8, 1)]
+    assert sum(a * b for a, b in calls_once) == 2 * (width - 1) + 24 < sum(a * b for a, b in calls_every)
+    assert [o.token_ids for o in once] == [o.token_ids for o in every]
 
 
 if __name__ == "__main__":
