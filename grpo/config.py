@@ -216,6 +216,28 @@ class GRPOConfig:
         "as an import path 'package.module:function'.",
     )
     reward_weights: Optional[list[float]] = setting(None, "One weight per reward function (None = 1.0 each).")
+    reward_num_workers: int = setting(
+        4,
+        "Threads that run the reward functions which declare fn.thread_safe = True at the same time (0 = in "
+        "turn with the others); async def functions are always awaited together (docs/REWARDS.md).",
+    )
+    reward_timeout: Optional[float] = setting(
+        None,
+        "Seconds one reward function may take on a rollout's completions; past it the run stops with a "
+        "checkpoint and one line naming it (None = no limit).",
+    )
+    judge_base_url: str = setting(
+        "http://127.0.0.1:8000/v1",
+        "rewards.judge: the OpenAI-compatible endpoint of the judge model (a vLLM server, or any); an API key, "
+        "if it needs one, comes from the environment variable OPENAI_API_KEY.",
+    )
+    judge_model: Optional[str] = setting(
+        None, "rewards.judge: the model name the judge endpoint serves (needed when reward_funcs names a judge)."
+    )
+    judge_timeout: float = setting(
+        60.0, "rewards.judge: seconds one judge request may take (retried twice, then the run stops)."
+    )
+    judge_max_concurrency: int = setting(16, "rewards.judge: judge requests in flight at once.")
     soft_punish_cache: int = setting(
         256,
         "soft_overlong_punishment: the penalty starts this many tokens before max_completion_length (DAPO).",

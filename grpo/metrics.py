@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from grpo.advantages import frac_zero_std_groups
+from grpo.advantages import frac_zero_std_groups, nan_std, weighted_reward_sum
 from grpo.loss import importance_sampling_metrics, metric_count_key, sampler_importance_weights
 from rewards.answer import FULL_CREDIT
 
@@ -39,28 +39,37 @@ def reward_metrics(
     ``reward_std`` is the std of all N rewards (TRL); ``reward_std_within_group`` the mean over groups of
     the within-group std (the spread GRPO learns from); both unbiased.
 
+    NaN is a reward that does not apply (the function returned None), left out as TRL does:
+    ``rewards/<fn>/mean`` and ``/std`` are over the completions that function scored (absent when it scored
+    none of the batch), ``accuracy/<db_set>`` over those correctness scored.
+
     Example: rewards [1, 3, 2, 2] with G = 2 -> reward 2.0, reward_std std(1, 3, 2, 2) = 0.8165,
-    reward_std_within_group mean(1.414, 0) = 0.707, frac_reward_zero_std 0.5.
+    reward_std_within_group mean(1.414, 0) = 0.707, frac_reward_zero_std 0.5. A function that gave
+    [1, None, 0, None] logs mean 0.5 (over two completions), not 0.25.
     """
     grouped = rearrange(rewards, "(p g) -> p g", g=group_size)
     out = {
-        "reward": rewards.mean().item(),
-        "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-        "reward_std_within_group": grouped.std(dim=1).mean().item(),
+        "reward": torch.nanmean(rewards).item(),
+        "reward_std": nan_std(rewards).item() if rewards.numel() > 1 else 0.0,
+        "reward_std_within_group": torch.nanmean(nan_std(grouped, dim=1)).item(),
         "frac_reward_zero_std": frac_zero_std_groups(rewards, group_size),
     }
     for name, values in rewards_per_func.items():
-        out[f"rewards/{name}/mean"] = values.mean().item()
-        out[f"rewards/{name}/std"] = values.std().item() if values.numel() > 1 else 0.0
+        scored = values[~torch.isnan(values)]
+        if scored.numel() == 0:
+            continue
+        out[f"rewards/{name}/mean"] = scored.mean().item()
+        out[f"rewards/{name}/std"] = scored.std().item() if scored.numel() > 1 else 0.0
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, source in enumerate(db_sets):
         by_source[source].append(i)
     correctness = rewards_per_func.get("correctness_reward_func")
     for source, idx in sorted(by_source.items()):
         index = torch.tensor(idx)
-        out[f"reward/{source}"] = rewards[index].mean().item()
-        if correctness is not None:
-            out[f"accuracy/{source}"] = (correctness[index] == FULL_CREDIT).float().mean().item()
+        out[f"reward/{source}"] = torch.nanmean(rewards[index]).item()
+        scored = correctness[index][~torch.isnan(correctness[index])] if correctness is not None else None
+        if scored is not None and scored.numel() > 0:
+            out[f"accuracy/{source}"] = (scored == FULL_CREDIT).float().mean().item()
     return out
 
 
@@ -228,7 +237,7 @@ def group_sample(group: Any, weights: torch.Tensor) -> dict[str, Any]:
         "answer": group.row.get("answer"),
         "db_set": group.row.get("db_set"),
         "completion": group.completions[0].text,
-        "reward": float(group.rewards_per_func[0] @ weights),
+        "reward": float(weighted_reward_sum(group.rewards_per_func[:1], weights)[0]),
     }
 
 

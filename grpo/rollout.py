@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from grpo.advantages import informative_groups
+from grpo.advantages import informative_groups, weighted_reward_sum
 from grpo.config import GRPOConfig
 from grpo.metrics import length_metrics, reward_metrics
 from models.samplers import Completion, Sampler, derive_seed
-from rewards import combine_rewards
+from rewards import RewardFuncError, combine_rewards
 
 
 @dataclass
@@ -60,28 +60,64 @@ def score_groups(
     rows: list[dict],
     generated: list[tuple[list[int], list[Completion]]],
     reward_funcs: Sequence[str],
+    *,
+    positions: Sequence[int] | None = None,
+    num_workers: int = 4,
+    timeout: float | None = None,
     **reward_kwargs: Any,
 ) -> list[torch.Tensor]:
-    """The unweighted rewards [G, K] of each group's completions under the K reward functions.
+    """The unweighted rewards [G, K] of each group's completions under the K reward functions, NaN where a
+    function returned None ("does not apply").
 
     Reward functions get the completions' texts, the dataset columns (``answer``, ``db_set``, ...), and, in
     TRL's convention, ``prompts`` and ``completion_ids``; ``reward_kwargs`` too (e.g. max_completion_length).
+    ``num_workers`` and ``timeout`` are ``combine_rewards``' (reward_num_workers, reward_timeout). A function
+    that fails is a RewardFuncError naming the completion by its prompt's ``positions`` in the training stream
+    (default: the row's index in ``rows``), its source and its number in the group:
+    ``prompt 57 of the training stream (gsm8k), completion 3``.
     """
     group_size = len(generated[0][1])
     completions = [c for _, group in generated for c in group]
     columns = {
         key: [row[key] for row in rows for _ in range(group_size)] for key in rows[0] if key != "prompt"
     }
+    where = "of the training stream" if positions is not None else "of the batch"
+    row_names = [
+        f"prompt {at} {where} ({row.get('db_set', '?')}), completion {g}"
+        for at, row in zip(range(len(rows)) if positions is None else positions, rows, strict=True)
+        for g in range(group_size)
+    ]
     _, per_func = combine_rewards(
         [c.text for c in completions],
         columns,
         reward_funcs,
         prompts=[row["prompt"] for row in rows for _ in range(group_size)],
         completion_ids=[c.token_ids for c in completions],
+        num_workers=num_workers,
+        timeout=timeout,
+        row_names=row_names,
         **reward_kwargs,
     )
     table = torch.stack(list(per_func.values()), dim=1)  # [N, K]
     return list(table.split(group_size))
+
+
+def raise_reward_failure(accelerator: Any, failure: RewardFuncError | None) -> None:
+    """Raise on every process when the reward functions failed on any (called by all, after scoring).
+
+    Otherwise the processes that scored would wait forever for the failed one in the next exchange. The failed
+    process raises its own error; the others one that quotes it.
+    """
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        reports = gather_object([None if failure is None else str(failure)])
+        others = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+        if failure is None and others:
+            rank, report = others[0]
+            raise RewardFuncError(f"on process {rank}: {report}")
+    if failure is not None:
+        raise failure
 
 
 def process_share(positions: Sequence[int], rank: int, world: int) -> list[int]:
@@ -109,7 +145,7 @@ def keep_informative(groups: list[Group], weights: torch.Tensor) -> tuple[list[G
     """
     if not groups:
         return [], []
-    totals = torch.cat([g.rewards_per_func @ weights for g in groups])
+    totals = torch.cat([weighted_reward_sum(g.rewards_per_func, weights) for g in groups])
     keep = informative_groups(totals, len(groups[0].completions)).tolist()
     return [g for g, k in zip(groups, keep, strict=True) if k], [
         g for g, k in zip(groups, keep, strict=True) if not k
@@ -137,20 +173,30 @@ def sample_rollout(
         position += needed
         mine = process_share(positions, accelerator.process_index, accelerator.num_processes)
         local = []
+        failure = None
         if mine:
             rows = train_data.rows(mine[0], len(mine))
             with timer("generate") if timer else contextlib.nullcontext():
                 generated = generate_groups(sampler, rows, mine, cfg.num_generations, cfg.seed)
             with timer("score") if timer else contextlib.nullcontext():
-                rewards = score_groups(
-                    rows,
-                    generated,
-                    cfg.reward_funcs,
-                    max_completion_length=cfg.max_completion_length,
-                    soft_punish_cache=cfg.soft_punish_cache,
-                )
-            for at, row, (ids, completions), table in zip(mine, rows, generated, rewards, strict=True):
-                local.append(Group(at, row, ids, completions, table))
+                try:
+                    rewards = score_groups(
+                        rows,
+                        generated,
+                        cfg.reward_funcs,
+                        positions=mine,
+                        num_workers=cfg.reward_num_workers,
+                        timeout=cfg.reward_timeout,
+                        max_completion_length=cfg.max_completion_length,
+                        soft_punish_cache=cfg.soft_punish_cache,
+                        **judge_settings(cfg),
+                    )
+                except RewardFuncError as err:
+                    failure = err
+            if failure is None:
+                for at, row, (ids, completions), table in zip(mine, rows, generated, rewards, strict=True):
+                    local.append(Group(at, row, ids, completions, table))
+        raise_reward_failure(accelerator, failure)
         groups = all_groups(accelerator, local)
         if not cfg.dynamic_sampling:
             return groups, position, {}
@@ -163,6 +209,16 @@ def sample_rollout(
         "sampling/filler_groups": float(max(needed - len(informative), 0)),
     }
     return (informative + uninformative)[:needed], position, metrics
+
+
+def judge_settings(cfg: GRPOConfig) -> dict[str, Any]:
+    """The judge_* fields, passed to the reward functions as keywords (rewards/judge.py reads them)."""
+    return {
+        "judge_base_url": cfg.judge_base_url,
+        "judge_model": cfg.judge_model,
+        "judge_timeout": cfg.judge_timeout,
+        "judge_max_concurrency": cfg.judge_max_concurrency,
+    }
 
 
 def rollout_prompts(cfg: GRPOConfig, num_processes: int) -> int:
@@ -215,7 +271,7 @@ def step_batch(
     batch["metrics"] = {
         "num_completions": len(completions),
         **reward_metrics(
-            rewards_per_func @ reward_weights(cfg),
+            weighted_reward_sum(rewards_per_func, reward_weights(cfg)),
             {
                 name: rewards_per_func[:, i] for i, name in enumerate(cfg.reward_funcs)
             },  # as the config names them

@@ -79,6 +79,7 @@ from grpo.run_folder import (
 from grpo.signals import agreed_stop, stop_requests
 from models.forward import batch_logprobs, micro_batches, no_grad_logprobs, trim
 from models.policy import reference_model
+from rewards import RewardFuncError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -494,6 +495,13 @@ def fit(run: Run) -> Path:
                 except TrainingError:
                     checkpoint()
                     raise
+                except RewardFuncError as err:  # a reward function failed: keep what is done, say where
+                    saved = checkpoint()
+                    raise RewardFuncError(
+                        f"step {state.step + 1}: {err}; saved {saved}; fix it and continue with "
+                        "--resume_from_checkpoint latest",
+                        row=err.row,
+                    ) from err
                 crossed_eval = (
                     eval_rows and state.step // cfg.eval_steps > (state.step - len(records)) // cfg.eval_steps
                 )

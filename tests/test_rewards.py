@@ -1,12 +1,15 @@
-"""The five reward functions, answer extraction and combine_rewards (rewards/)."""
+"""The five reward functions, answer extraction and combine_rewards (rewards/): None as "does not apply",
+async and thread-safe functions run concurrently with the sequential results, failures named on one line."""
 
 from __future__ import annotations
 
+import asyncio
 import doctest
 import functools
 import math
 import random
 import re
+import threading
 import time
 
 import pytest
@@ -17,6 +20,7 @@ import rewards.format
 import rewards.length
 import rewards.parsing
 import rewards.registry
+import rewards.running
 from grpo.config import REWARD_FUNC_NAMES
 from rewards import (
     OPTIONAL_REWARD_FUNCS,
@@ -58,7 +62,15 @@ def test_registry_matches_the_config_names():
 
 
 def test_docstring_examples():
-    for module in (rewards.parsing, rewards.answer, rewards.format, rewards.length, rewards.registry):
+    modules = (
+        rewards.parsing,
+        rewards.answer,
+        rewards.format,
+        rewards.length,
+        rewards.registry,
+        rewards.running,
+    )
+    for module in modules:
         assert doctest.testmod(module).failed == 0, module.__name__
 
 
@@ -368,7 +380,7 @@ def test_combine_rewards_errors():
     def broken(completions, **columns):
         return [1.0]
 
-    with pytest.raises(ValueError, match="'broken' returned 1 values for 2 completions"):
+    with pytest.raises(ValueError, match=r"'broken' returned 1 values for a batch of 2 completions \(row 0"):
         combine_rewards([PERFECT, PERFECT], {"answer": ["7", "7"], "db_set": ["gsm8k"] * 2}, funcs=[broken])
 
 
@@ -737,18 +749,25 @@ def test_combine_rewards_argument_errors_are_clear():
     with pytest.raises(RewardFuncError, match=r"named twice: \['int_reward_func'\]"):
         combine_rewards([PERFECT], columns, ["int_reward_func", int_reward_func])
 
-    def gives_none(completions, **kwargs):  # TRL's "does not apply": we need a number
+    def gives_none(
+        completions, **kwargs
+    ):  # TRL's "does not apply": with no other function, nothing scores it
         return [None]
 
-    def gives_nan(completions, **kwargs):
+    def gives_nan(completions, **kwargs):  # NaN is not None: a broken reward
         return [math.nan]
 
     def gives_a_number(completions, **kwargs):
         return 1.0
 
-    with pytest.raises(RewardFuncError, match="'gives_none' returned None for completion 0"):
+    with pytest.raises(
+        RewardFuncError,
+        match=r"no reward function applies to row 0 \(gsm8k\): 'gives_none' all returned None",
+    ):
         combine_rewards([PERFECT], columns, [gives_none])
-    with pytest.raises(RewardFuncError, match="'gives_nan' returned nan for completion 0"):
+    with pytest.raises(
+        RewardFuncError, match=r"'gives_nan' returned nan for row 0 \(gsm8k\); a reward must be"
+    ):
         combine_rewards([PERFECT], columns, [gives_nan])
     with pytest.raises(RewardFuncError, match="'gives_a_number' returned float, not a list of 1 numbers"):
         combine_rewards([PERFECT], columns, [gives_a_number])
@@ -934,3 +953,318 @@ def test_soft_overlong_punishment_errors():
         soft_overlong_punishment(0, 0)
     with pytest.raises(ValueError, match="soft_punish_cache must be an integer, got 2.5"):
         soft_overlong_punishment(10, 2.5)
+
+
+# ---------------------------------------------------------------------------- None: "does not apply"
+
+NAN = float("nan")
+COLUMNS3 = {"answer": ["7", "yes", "B"], "db_set": ["gsm8k", "pubmedqa", "med_mc"]}
+TEXTS3 = [PERFECT, "<answer>\nyes\n</answer>", "<answer>\nC\n</answer>"]
+
+
+def medical_only(completions, db_set, **kwargs):
+    """1.0 for a medical source, None ("does not apply") for gsm8k."""
+    return [None if source == "gsm8k" else 1.0 for source in db_set]
+
+
+def test_none_is_left_out_of_the_weighted_sum():
+    total, per_func = combine_rewards(
+        TEXTS3, COLUMNS3, ["correctness_reward_func", medical_only], weights=[1.0, 0.5]
+    )
+    # correctness: [2, 2, 0]; medical_only: [None, 1, 1] -> NaN in per_func, left out of the total
+    assert per_func["correctness_reward_func"].tolist() == [2.0, 2.0, 0.0]
+    assert math.isnan(per_func["medical_only"][0].item())
+    assert per_func["medical_only"][1:].tolist() == [1.0, 1.0]
+    assert total.tolist() == [2.0, 2.0 + 0.5, 0.0 + 0.5]
+
+
+def test_a_completion_no_function_applies_to_is_one_clear_error():
+    def nothing_for_med_mc(completions, db_set, **kwargs):
+        return [None if source == "med_mc" else 0.0 for source in db_set]
+
+    with pytest.raises(
+        RewardFuncError,
+        match=r"^no reward function applies to row 2 \(med_mc\): 'medical_only', 'nothing_for_med_mc' all "
+        r"returned None for it; every completion needs a reward from at least one function$",
+    ) as raised:
+        combine_rewards(
+            TEXTS3, {**COLUMNS3, "db_set": ["gsm8k", "gsm8k", "med_mc"]}, [medical_only, nothing_for_med_mc]
+        )
+    assert raised.value.row == 2
+    # the caller's names for the rows (the trainer's: the prompt's place in the training stream)
+    names = [
+        "prompt 12 (gsm8k), completion 0",
+        "prompt 12 (gsm8k), completion 1",
+        "prompt 13 (med_mc), completion 0",
+    ]
+    with pytest.raises(RewardFuncError, match=r"applies to prompt 12 \(gsm8k\), completion 0:"):
+        combine_rewards(TEXTS3, COLUMNS3, [medical_only], row_names=names)
+
+
+def test_reward_metrics_are_over_the_completions_a_function_applies_to():
+    from grpo.metrics import reward_metrics
+
+    per_func = {
+        "correctness_reward_func": torch.tensor([2.0, 0.0, 2.0, 1.0]),
+        "medical_only": torch.tensor([NAN, NAN, 1.0, 0.0]),
+        "never": torch.tensor([NAN, NAN, NAN, NAN]),
+    }
+    totals = torch.tensor([2.0, 0.0, 3.0, 1.0])  # weights 1: the sums over what applies
+    out = reward_metrics(totals, per_func, ["gsm8k", "gsm8k", "pubmedqa", "pubmedqa"], 2)
+    assert out["rewards/medical_only/mean"] == 0.5  # over its two completions, not 1 / 4
+    assert out["rewards/medical_only/std"] == pytest.approx(math.sqrt(0.5))
+    assert "rewards/never/mean" not in out and "rewards/never/std" not in out  # applied to nothing here
+    assert out["rewards/correctness_reward_func/mean"] == 1.25
+    assert out["accuracy/gsm8k"] == 0.5 and out["accuracy/pubmedqa"] == 0.5
+    assert out["reward"] == 1.5 and out["reward/pubmedqa"] == 2.0
+    # a correctness that applies to some rows only: accuracy over those
+    per_func["correctness_reward_func"] = torch.tensor([2.0, NAN, NAN, NAN])
+    out = reward_metrics(totals, per_func, ["gsm8k", "gsm8k", "pubmedqa", "pubmedqa"], 2)
+    assert out["accuracy/gsm8k"] == 1.0 and "accuracy/pubmedqa" not in out
+
+
+# ---------------------------------------------------------------------------- concurrent functions, same results
+
+COLUMNS2 = {"answer": ["7", "7"], "db_set": ["gsm8k", "gsm8k"]}
+
+
+def make_functions(log):
+    """Two functions of each kind, each returning its own numbers; the earlier in the list sleeps longer,
+    so that run together they finish in the reverse order."""
+
+    def plain(k):
+        def f(completions, **kwargs):
+            time.sleep(0.002 * (6 - k))
+            log.append(k)
+            return [10.0 * k + i for i in range(len(completions))]
+
+        f.__name__ = f"plain_{k}"
+        return f
+
+    def thread_safe(k):
+        f = plain(k)
+        f.__name__, f.thread_safe = f"thread_safe_{k}", True
+        return f
+
+    def async_(k):
+        async def f(completions, **kwargs):
+            await asyncio.sleep(0.002 * (6 - k))
+            log.append(k)
+            return [10.0 * k + i for i in range(len(completions))]
+
+        f.__name__ = f"async_{k}"
+        return f
+
+    return [async_(0), thread_safe(1), plain(2), async_(3), thread_safe(4), plain(5)]
+
+
+def sequential_reference(funcs, completions, columns):
+    """Each function called alone, one after another: the results the concurrent run must give."""
+    out = {}
+    for f in funcs:
+        values = f(completions, **columns)
+        out[f.__name__] = asyncio.run(values) if asyncio.iscoroutine(values) else values
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2, 4])
+def test_concurrent_functions_give_the_sequential_results_in_order(num_workers):
+    log: list[int] = []
+    funcs = make_functions(log)
+    expected = sequential_reference(funcs, [PERFECT, ""], COLUMNS2)
+    log.clear()
+    total, per_func = combine_rewards([PERFECT, ""], COLUMNS2, funcs, num_workers=num_workers)
+    assert list(per_func) == [f.__name__ for f in funcs]
+    assert {name: values.tolist() for name, values in per_func.items()} == expected
+    assert total.tolist() == [sum(10.0 * k for k in range(6)), sum(10.0 * k + 1 for k in range(6))]
+    assert sorted(log) == list(range(6))
+
+
+def test_async_functions_are_awaited_together():
+    """Each function waits for the other to have started: run one after another, the first would wait
+    forever (here: until its 30 s bound, then fail)."""
+    started: dict[str, asyncio.Event] = {}
+
+    def rendezvous(me, other):
+        async def f(completions, **kwargs):
+            started.setdefault(me, asyncio.Event()).set()
+            await asyncio.wait_for(started.setdefault(other, asyncio.Event()).wait(), 30)
+            return [1.0] * len(completions)
+
+        f.__name__ = me
+        return f
+
+    _, per_func = combine_rewards(
+        [PERFECT],
+        COLUMNS2 | {"answer": ["7"], "db_set": ["gsm8k"]},
+        [rendezvous("a", "b"), rendezvous("b", "a")],
+    )
+    assert per_func["a"].tolist() == per_func["b"].tolist() == [1.0]
+
+
+def test_thread_safe_functions_run_together_and_plain_ones_one_at_a_time():
+    barrier = threading.Barrier(2, timeout=30)  # both thread-safe functions must be inside at once
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def enter_exit(wait):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        wait()
+        with lock:
+            running[0] -= 1
+
+    def meets(name):
+        def f(completions, **kwargs):
+            barrier.wait()
+            return [1.0] * len(completions)
+
+        f.__name__, f.thread_safe = name, True
+        return f
+
+    def plain(name):
+        def f(completions, **kwargs):
+            enter_exit(lambda: time.sleep(0.01))
+            return [2.0] * len(completions)
+
+        f.__name__ = name
+        return f
+
+    funcs = [meets("ts_a"), plain("p_a"), meets("ts_b"), plain("p_b"), plain("p_c")]
+    _, per_func = combine_rewards([PERFECT], {"answer": ["7"], "db_set": ["gsm8k"]}, funcs, num_workers=2)
+    assert [v.item() for v in per_func.values()] == [1.0, 2.0, 1.0, 2.0, 2.0]
+    assert most[0] == 1  # the plain functions never overlapped each other
+    # with one worker the two thread-safe functions cannot meet: the first one's barrier breaks
+    barrier = threading.Barrier(2, timeout=0.2)
+    with pytest.raises(RewardFuncError, match="'ts_a' raised BrokenBarrierError"):
+        combine_rewards([PERFECT], {"answer": ["7"], "db_set": ["gsm8k"]}, funcs, num_workers=1)
+
+
+def test_async_and_thread_safe_callables_are_recognised():
+    class Judge:
+        async def __call__(self, completions, **kwargs):
+            return [0.5] * len(completions)
+
+    def sandbox(completions, scale, **kwargs):
+        return [scale] * len(completions)
+
+    sandbox.thread_safe = True
+    assert rewards.running.call_kind(Judge()) == "async"
+    assert rewards.running.call_kind(functools.partial(Judge())) == "async"
+    assert rewards.running.call_kind(functools.partial(sandbox, scale=3.0)) == "thread_safe"
+    assert rewards.running.call_kind(correctness_reward_func) == "plain"
+    _, per_func = combine_rewards([PERFECT], {"answer": ["7"], "db_set": ["gsm8k"]}, [Judge()])
+    assert per_func["Judge"].tolist() == [0.5]
+
+
+# ---------------------------------------------------------------------------- a reward that fails
+
+ONE = {"answer": ["7"], "db_set": ["gsm8k"]}
+
+
+def test_a_function_that_raises_is_named_with_the_completion_it_fails_on():
+    calls = []
+
+    def picky(completions, answer, **kwargs):
+        calls.append(len(completions))
+        if "yes" in answer:
+            raise ValueError("cannot score a yes/no answer")
+        return [1.0] * len(completions)
+
+    with pytest.raises(
+        RewardFuncError,
+        match=r"^reward function 'picky' raised ValueError: cannot score a yes/no answer on row 1 \(pubmedqa\)$",
+    ) as raised:
+        combine_rewards(TEXTS3, COLUMNS3, ["int_reward_func", picky])
+    assert isinstance(raised.value.__cause__, ValueError)  # --debug shows the function's own traceback
+    assert raised.value.row == 1
+    assert calls == [3, 1, 1]  # the batch, then one completion at a time until one fails
+
+    def batch_only(completions, **kwargs):
+        if len(completions) > 1:
+            raise RuntimeError("needs one completion at a time")
+        return [0.0]
+
+    with pytest.raises(
+        RewardFuncError,
+        match=r"'batch_only' raised RuntimeError: needs one completion at a time on a batch of 3 completions "
+        r"\(row 0 \(gsm8k\) \.\.\. row 2 \(med_mc\)\)$",
+    ):
+        combine_rewards(TEXTS3, COLUMNS3, [batch_only])
+
+    async def names_its_row(completions, **kwargs):  # a RewardFuncError of its own: no search, its row named
+        raise RewardFuncError("the judge refused it", row=2)
+
+    with pytest.raises(
+        RewardFuncError, match=r"'names_its_row' raised RewardFuncError: the judge refused it on row 2"
+    ):
+        combine_rewards(TEXTS3, COLUMNS3, [names_its_row])
+
+
+@pytest.mark.parametrize("kind", ["plain", "thread_safe", "async"])
+def test_a_function_that_overruns_the_timeout_is_named(kind):
+    release = threading.Event()
+
+    if kind == "async":
+
+        async def stuck(completions, **kwargs):
+            await asyncio.Event().wait()  # never set: cancelled at the deadline
+
+    else:
+
+        def stuck(completions, **kwargs):
+            release.wait(60)  # abandoned at the deadline; released at the end of the test
+            return [0.0] * len(completions)
+
+        stuck.thread_safe = kind == "thread_safe"
+    try:
+        with pytest.raises(
+            RewardFuncError,
+            match=r"^reward function 'stuck' did not return within reward_timeout=0.2 s on a batch of 3 "
+            r"completions \(row 0 \(gsm8k\) \.\.\. row 2 \(med_mc\)\)$",
+        ):
+            combine_rewards(TEXTS3, COLUMNS3, ["int_reward_func", stuck], timeout=0.2)
+    finally:
+        release.set()
+    # within the limit nothing changes
+    _, per_func = combine_rewards(TEXTS3, COLUMNS3, make_functions([])[:3], timeout=30)
+    assert per_func["async_0"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_non_finite_and_wrongly_sized_results_are_named():
+    def gives_inf(completions, **kwargs):
+        return [0.0, math.inf, 0.0]
+
+    with pytest.raises(
+        RewardFuncError, match=r"'gives_inf' returned inf for row 1 \(pubmedqa\); a reward must"
+    ):
+        combine_rewards(TEXTS3, COLUMNS3, [gives_inf])
+
+    def gives_text(completions, **kwargs):
+        return [0.0, "high", 0.0]
+
+    with pytest.raises(RewardFuncError, match=r"'gives_text' returned 'high' for row 1 \(pubmedqa\)"):
+        combine_rewards(TEXTS3, COLUMNS3, [gives_text])
+
+    async def gives_two(completions, **kwargs):
+        return [0.0, 0.0]
+
+    with pytest.raises(RewardFuncError, match=r"'gives_two' returned 2 values for a batch of 3 completions"):
+        combine_rewards(TEXTS3, COLUMNS3, [gives_two])
+
+
+def test_the_failure_reported_is_the_first_in_the_functions_order():
+    """The plain function fails first in time (it runs while the async one waits for it); the async one,
+    first in the list, is the one reported, as in a run of one function after another."""
+    plain_failed = threading.Event()
+
+    async def first(completions, **kwargs):
+        await asyncio.to_thread(plain_failed.wait, 30)
+        raise KeyError("first")
+
+    def second(completions, **kwargs):
+        plain_failed.set()
+        raise KeyError("second")
+
+    with pytest.raises(RewardFuncError, match="'first' raised KeyError"):
+        combine_rewards([PERFECT], ONE, [first, second])
