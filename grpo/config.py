@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from grpo.objectives import IMPORTANCE_SAMPLING_LEVELS, KL_ESTIMATORS, LOSS_TYPES, LossSettings
+
 REWARD_FUNC_NAMES = (
     "xmlcount_reward_func",
     "soft_format_reward_func",
@@ -29,9 +31,8 @@ REWARD_FUNC_NAMES = (
     "int_reward_func",
     "correctness_reward_func",
 )
-# The names grpo/loss.py knows (kept here so that validating a config imports no torch; a test checks they agree).
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "gmpo")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+# SAMPLER_IS_MODES is grpo/corrections.py's, copied so that validating a config imports no torch (a test checks
+# they agree); the objectives' names come from their table (grpo/objectives.py, which imports no torch).
 SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 OVERLONG_REWARD = "soft_overlong_punishment"  # DAPO's length penalty (rewards/length.py), optional
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -140,7 +141,7 @@ class GRPOConfig:
     importance_sampling_level: str = setting(
         "token",
         "token: one ratio per token; sequence (GSPO): the mean log-ratio over each sequence, one ratio per sequence.",
-        choices=["token", "sequence"],
+        choices=list(IMPORTANCE_SAMPLING_LEVELS),
     )
     sapo_temperature_pos: float = setting(1.0, "sapo: temperature of the soft gate for positive advantages.")
     sapo_temperature_neg: float = setting(1.05, "sapo: temperature of the soft gate for negative advantages.")
@@ -347,9 +348,9 @@ class GRPOConfig:
         """vllm_importance_sampling_clip_max, or the deprecated vllm_importance_sampling_cap when set."""
         return self.vllm_importance_sampling_cap or self.vllm_importance_sampling_clip_max
 
-    def loss_options(self) -> dict[str, Any]:
-        """The keyword arguments of ``grpo.loss.policy_loss`` that this config chooses (docs/OBJECTIVES.md)."""
-        return dict(
+    def loss_settings(self) -> LossSettings:
+        """The objective this config chooses: ``grpo.loss.policy_loss``'s settings (docs/OBJECTIVES.md)."""
+        return LossSettings(
             loss_type=self.loss_type,
             importance_sampling_level=self.importance_sampling_level,
             eps_low=self.epsilon,

@@ -13,18 +13,51 @@ The trainer computes them and hands them to ``grpo.loss.policy_loss``:
 - ``adaptive_entropy_coef`` and ``entropy_bonus_applies`` -> ``entropy_coef``: the entropy bonus's
   coefficient, once per optimiser step (Skywork-OR1, TRL's adaptive entropy control).
 
+``Corrections`` carries one micro-batch's of them to ``policy_loss`` together.
+
 Shapes: N sequences, T tokens; ``mask`` [N, T] is 1.0 on real completion tokens. This module imports
-nothing from grpo.loss; grpo.loss re-exports its names (DESIGN.md's contract names
-``grpo.loss.sampler_importance_weights``).
+nothing from grpo.loss; grpo.loss re-exports its names, so that ``grpo.loss.sampler_importance_weights``
+(the name the project's interface documents) keeps working.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+@dataclass
+class Corrections:
+    """The weights and masks of one micro-batch, as ``policy_loss`` takes them (None = off).
+
+    is_weights: [N, T] or [N, 1], ``sampler_importance_weights`` (detached here: a correction factor, never a
+      path for gradients);
+    off_policy_mask: [N, 1] (or [N], made [N, 1] here), ``off_policy_sequence_mask``;
+    entropy_mask: [N, T], ``high_entropy_mask``;
+    entropy: [N, T] token entropies (with grad when the bonus should train them);
+    entropy_coef: the entropy bonus's coefficient (0 = no bonus; then entropy only feeds the metrics).
+
+    ``policy_loss`` multiplies is_weights and the two masks into the policy term (those an objective does not
+    apply itself: ``grpo.objectives.Objective.own_corrections``) and subtracts the bonus.
+    """
+
+    is_weights: torch.Tensor | None = None
+    off_policy_mask: torch.Tensor | None = None
+    entropy_mask: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.is_weights is not None:
+            self.is_weights = self.is_weights.detach()
+        if self.off_policy_mask is not None and self.off_policy_mask.dim() == 1:
+            self.off_policy_mask = self.off_policy_mask[:, None]
+        if self.entropy_coef != 0.0 and self.entropy is None:
+            raise ValueError("entropy is required when entropy_coef != 0")
 
 
 @torch.no_grad()

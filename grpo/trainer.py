@@ -55,7 +55,7 @@ from grpo.corrections import (
     sampler_importance_weights,
 )
 from grpo.evaluation import eval_subset, evaluate_rows
-from grpo.loss import policy_loss
+from grpo.loss import Corrections, Counts, policy_loss
 from grpo.metrics import (
     MetricsLogger,
     PhaseTimer,
@@ -308,15 +308,9 @@ def policy_update(run: Run, batch: dict[str, Any]) -> tuple[dict[str, float], to
             micro.get("ref_logp"),
             micro["advantages"],
             micro["loss_mask"],
-            **cfg.loss_options(),
-            is_weights=is_weights,
-            off_policy_mask=off_policy_mask,
-            entropy_mask=micro.get("entropy_mask"),
-            entropy=entropy,
-            entropy_coef=entropy_coef,
-            num_sequences=batch["num_sequences"],
-            num_tokens=batch["num_tokens"],
-            num_entropy_tokens=num_entropy_tokens,
+            cfg.loss_settings(),
+            Corrections(is_weights, off_policy_mask, micro.get("entropy_mask"), entropy, entropy_coef),
+            Counts(batch["num_sequences"], batch["num_tokens"], num_entropy_tokens),
         )
         accelerator.backward(loss)
         add_metric_sums(sums, loss, metrics, cfg.importance_sampling_level)

@@ -15,6 +15,7 @@ import typing
 from typing import Any
 
 from grpo.config import OVERLONG_REWARD, REWARD_FUNC_NAMES, ConfigError, GRPOConfig
+from grpo.objectives import OBJECTIVES, level_problems, objective_problems
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> None:
@@ -204,27 +205,18 @@ def _validate_rewards(cfg: GRPOConfig, need) -> None:
 
 
 def _validate_objective(cfg: GRPOConfig, need) -> None:
-    """Combinations of the GRPO-family options that have no meaning (docs/OBJECTIVES.md)."""
-    clipped = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-    if cfg.loss_type == "luspo":
+    """Combinations of the GRPO-family options that have no meaning: the rules the objective table derives
+    (grpo/objectives.py, docs/OBJECTIVES.md), then those that involve other parts of the config."""
+    for name, rule in level_problems(cfg) + objective_problems(cfg):
+        need(False, name, rule)
+    is_weighted = cfg.sampler != "hf" and cfg.vllm_importance_sampling_correction  # vLLM's IS weights
+    if OBJECTIVES[cfg.loss_type].token_is_weights and is_weighted:
         need(
-            cfg.importance_sampling_level == "sequence",
-            "importance_sampling_level",
-            "luspo is a sequence-level loss: set importance_sampling_level: sequence",
+            cfg.vllm_importance_sampling_mode.startswith("token"),
+            "vllm_importance_sampling_mode",
+            f"{cfg.loss_type} takes per-token importance weights: use token_truncate or token_mask (or "
+            "vllm_importance_sampling_correction: false, or sampler: hf)",
         )
-    if cfg.loss_type in ("vespo", "gmpo"):
-        need(
-            cfg.importance_sampling_level == "token",
-            "importance_sampling_level",
-            f"{cfg.loss_type} forms its sequence weight itself: keep importance_sampling_level: token",
-        )
-    for name in ("delta", "clip_ratio_c"):
-        if getattr(cfg, name) is not None:
-            need(
-                cfg.loss_type in clipped,
-                name,
-                f"acts on the clipped losses ({', '.join(clipped)}), not {cfg.loss_type}",
-            )
     if cfg.multi_objective_aggregation == "normalize_then_sum":
         need(
             cfg.scale_rewards == "group",
