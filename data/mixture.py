@@ -78,8 +78,8 @@ def _drop_long(ds: datasets.Dataset, tokenizer, max_prompt_length: int, what: st
 def build_eval_datasets(config: Any, tokenizer) -> dict[str, datasets.Dataset]:
     """``{db_set: Dataset}`` of the evaluation splits, long prompts dropped (``tokenizer=None``: kept).
 
-    config: uses gsm8k_data_files, pubmedqa_data_files, health_benchmarks_data_files,
-    pubmedqa_max_context_chars, max_prompt_length.
+    config: uses dataset_mixture (sources of probability 0 are left out), gsm8k_data_files,
+    pubmedqa_data_files, health_benchmarks_data_files, pubmedqa_max_context_chars, max_prompt_length.
     """
     if config.dataset_name:
         if not config.dataset_test_split:
@@ -93,7 +93,8 @@ def build_eval_datasets(config: Any, tokenizer) -> dict[str, datasets.Dataset]:
         DB_SETS[name]: _drop_long(
             load_source(name, "test", config), tokenizer, config.max_prompt_length, f"{name} (test)"
         )
-        for name in SOURCES
+        for name, p in zip(SOURCES, config.dataset_mixture, strict=True)
+        if p > 0  # a source left out of training (probability 0) is not evaluated during it either
     }
 
 
