@@ -114,6 +114,28 @@ class GRPOConfig:
     temperature: float = setting(1.0, "Sampling temperature (also divides the trainer's logits).")
     top_p: float = setting(1.0, "Nucleus sampling threshold (1.0 = off).")
     top_k: int = setting(0, "Top-k sampling (0 = off).")
+    vllm_mode: str = setting(
+        "colocate",
+        "colocate: a vLLM engine inside each training process, on its GPU; server: a vLLM server started apart "
+        "(GPUs or a node of its own, from the folder scripts/export_base.py writes), reached over HTTP "
+        "(docs/SAMPLING.md, Server mode). TRL's name.",
+        choices=["colocate", "server"],
+    )
+    vllm_server_base_url: Optional[str] = setting(
+        None, "Server mode: the server's URL, e.g. http://10.0.0.2:8000; when set, host and port are ignored."
+    )
+    vllm_server_host: str = setting("0.0.0.0", "Server mode: the server's host (0.0.0.0 = this machine).")
+    vllm_server_port: int = setting(8000, "Server mode: the server's port.")
+    vllm_server_timeout: float = setting(
+        240.0,
+        "Server mode: seconds to wait for the server at start, and to retry (with backoff) a request that fails "
+        "mid-run before the run saves a checkpoint and stops.",
+    )
+    vllm_server_adapter_dir: Optional[str] = setting(
+        None,
+        "Server mode: a folder the server can read, where the adapter is written each step (None = a new folder "
+        "in /dev/shm or the temp dir, for a server on the same machine; a separate node needs a shared folder).",
+    )
     vllm_gpu_memory_utilization: float = setting(0.5, "Fraction of GPU memory vLLM may take (colocated).")
     vllm_max_model_len: Optional[int] = setting(
         None, "vLLM max_model_len (None = max_prompt_length + max_completion_length)."

@@ -193,6 +193,8 @@ RESUMABLE_FIELDS = frozenset(
         # how the same computation is carried out (memory, speed, engine): the objective is unchanged
         "sampler", "logprob_backend", "gradient_checkpointing", "train_micro_batch_size",
         "vllm_gpu_memory_utilization", "vllm_max_model_len", "max_nonfinite_updates",
+        "vllm_mode", "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
+        "vllm_server_adapter_dir",
         # how the rewards are computed (not what they are): a stopped run may resume with a longer limit
         "reward_num_workers", "reward_timeout", "judge_base_url", "judge_timeout", "judge_max_concurrency",
         # compared as one product, prompts per optimiser step, when both process counts are known

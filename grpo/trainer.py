@@ -79,6 +79,7 @@ from grpo.run_folder import (
 from grpo.signals import agreed_stop, stop_requests
 from models.forward import batch_logprobs, micro_batches, no_grad_logprobs, trim
 from models.policy import reference_model
+from models.samplers import SamplerError
 from rewards import RewardFuncError
 
 if TYPE_CHECKING:
@@ -489,6 +490,15 @@ def fit(run: Run) -> Path:
                 except TrainingError:
                     checkpoint()
                     raise
+                except SamplerError as err:  # e.g. its vLLM server is down: keep what is done, say how to go on
+                    if state.step != last_saved:
+                        checkpoint()
+                    then = (
+                        f"saved {output_dir / f'checkpoint-{last_saved}'}; continue with --resume_from_checkpoint latest"
+                        if state.step
+                        else "nothing trained yet: start again"
+                    )
+                    raise SamplerError(f"step {state.step + 1}: {err}; {then} once it answers") from err
                 except RewardFuncError as err:  # a reward function failed: keep what is done, say where
                     saved = checkpoint()
                     raise RewardFuncError(

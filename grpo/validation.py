@@ -100,6 +100,13 @@ RANGES = [
     ("adam_beta2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("max_grad_norm", _non_negative, "must be >= 0 (0 = no clipping)"),
     ("vllm_gpu_memory_utilization", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("vllm_server_port", lambda v: 0 < v < 65536, "must be a port number, 1 to 65535"),
+    ("vllm_server_timeout", _positive, "must be > 0 (seconds)"),
+    (
+        "vllm_server_base_url",
+        _optional(lambda v: v.startswith(("http://", "https://"))),
+        "must start with http:// or https:// (or be null = vllm_server_host:vllm_server_port)",
+    ),
     ("top_entropy_quantile", lambda v: 0 < v <= 1, "must be in (0, 1] (the share of tokens kept)"),
     *[
         (name, _non_negative, "must be >= 0")
@@ -175,6 +182,8 @@ def validate(cfg: GRPOConfig) -> None:
     _validate_rewards(cfg, need)
     _validate_objective(cfg, need)
     _validate_batching(cfg, need)
+    if cfg.vllm_mode == "server":
+        need(cfg.sampler != "hf", "sampler", "vllm_mode: server samples on a vLLM server: set sampler: vllm (or auto)")
 
 
 def _validate_rewards(cfg: GRPOConfig, need) -> None:

@@ -89,6 +89,11 @@ class Completion:
     logprobs: list[float]
 
 
+class SamplerError(RuntimeError):
+    """The sampler cannot sample now (e.g. its vLLM server is down or answers with errors); the message names
+    it and the error. The trainer saves a checkpoint and stops: the run resumes once the sampler is back."""
+
+
 class Sampler(abc.ABC):
     """Draws G completions per prompt from the current policy; see the module docstring for the contract."""
 
@@ -268,6 +273,12 @@ def make_sampler(config: Any, model: Any, tokenizer: Any, model_path: str, dtype
     vllm_max_model_len, vllm_gpu_memory_utilization, lora_r, load_in_4bit, seed.
     """
     settings = SamplingSettings.from_config(config)
+    if config.vllm_mode == "server":  # a vLLM server started apart (models/server_sampler.py): no vllm here
+        from models.server_sampler import ServerSampler
+
+        sampler = ServerSampler.for_policy(config, model, tokenizer, model_path, dtype)
+        print(f"sampler: vllm server (vllm_mode: server; {sampler.describe()})")
+        return sampler
     kind, why = choose_sampler(config.sampler)
     if kind == "hf":
         from models.hf_sampler import HFSampler
@@ -286,6 +297,7 @@ __all__ = [
     "Completion",
     "Prompt",
     "Sampler",
+    "SamplerError",
     "SamplingSettings",
     "choose_sampler",
     "completion_seed",

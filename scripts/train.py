@@ -68,6 +68,7 @@ EXPECTED_ERRORS = (
     ("grpo.run_folder", "CheckpointError", "checkpoint error", EXIT_ERROR),
     ("rewards.registry", "RewardFuncError", "reward function error", EXIT_ERROR),
     ("grpo.trainer", "TrainingError", "training stopped", EXIT_ERROR),
+    ("models.samplers", "SamplerError", "sampler error", EXIT_ERROR),  # e.g. a vLLM server down, after a save
     ("grpo.trainer", "TrainingInterrupted", "interrupted", EXIT_INTERRUPTED),  # Ctrl-C/SIGTERM, after a save
 )
 
