@@ -9,7 +9,7 @@ weights, saved in bf16 to a temporary folder, and loaded back through ``models.p
 exactly as the trainer loads the real model: 4-bit NF4 with double quantisation, a rank-64 LoRA on
 the seven projections, gradient checkpointing (non-reentrant). Random weights change no memory figure.
 
-Recorded (printed and written to --output as JSON):
+Recorded (printed, and written to --output as JSON after loading and after each backend):
 - weights: CUDA memory allocated once the policy is loaded (4-bit base + fp32 embedding/norms + LoRA);
   on CPU the summed size of parameters and buffers instead;
 - trainable parameters, and the closed-form count of ``lora_param_count``;
@@ -33,6 +33,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_record import save_json  # noqa: E402  (scripts/bench_record.py)
 
 from grpo.config import LORA_TARGETS, GRPOConfig  # noqa: E402
 from models.forward import completion_logprobs  # noqa: E402
@@ -162,12 +164,14 @@ def main(argv=None) -> dict:
     }
     if cuda:
         report["weights_allocated_mib"] = round((torch.cuda.memory_allocated(device) - before) / MIB, 1)
-    report["forward_backward"] = [forward_backward(model, batch, seq_len, b, device) for b in backends]
+    output = args.output or f"bench_model_memory_{preset}.json"
+    report["forward_backward"] = []
+    save_json(output, report)  # after loading, then after each backend: a time limit loses one measurement
+    for backend in backends:
+        report["forward_backward"].append(forward_backward(model, batch, seq_len, backend, device))
+        save_json(output, report)
 
     print(json.dumps(report, indent=2))
-    output = args.output or f"bench_model_memory_{preset}.json"
-    with open(output, "w") as fh:
-        json.dump(report, fh, indent=2)
     print(f"wrote {output}")
     return report
 

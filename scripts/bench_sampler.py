@@ -27,14 +27,14 @@ policy, the same adapter on both sides), twice:
     python scripts/bench_sampler.py --preset tiny --samplers vllm --mismatch --dtype fp32
     python scripts/bench_sampler.py --preset tiny --samplers vllm --mismatch --dtype bf16
 
-Prints a table and writes JSON to --out (default outputs/bench_sampler_<preset>.json).
+Prints a table and writes JSON to --out (default outputs/bench_sampler_<preset>.json), rewritten after each
+measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import shutil
@@ -46,6 +46,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+
+from bench_record import save_json  # noqa: E402  (scripts/bench_record.py)
 
 from grpo.config import GRPOConfig  # noqa: E402
 from grpo.metrics import sampler_mismatch  # noqa: E402
@@ -241,6 +243,8 @@ def main() -> None:
         "dtype": str(resolve_dtype(cfg.dtype)).removeprefix("torch."),
         "results": {},
     }
+    out = Path(args.out or f"outputs/bench_sampler_{args.preset}.json")
+    save_json(out, report)  # rewritten after each measurement: a time limit loses only the one in flight
     from models.policy import load_policy
 
     policy, tokenizer = load_policy(cfg)
@@ -257,6 +261,7 @@ def main() -> None:
         hf = HFSampler(policy, tokenizer, SamplingSettings.from_config(cfg))
         report["results"]["hf"] = timed_generate(hf, prompts, group, args.seed)
         print(f"hf   : {report['results']['hf']}", flush=True)
+        save_json(out, report)
     if "vllm" in samplers:
         ok, detail = vllm_importable()
         if not ok:
@@ -273,6 +278,7 @@ def main() -> None:
             result = timed_generate(vllm, prompts, group, args.seed)
             result.update(engine_start_s=round(engine_start, 2), update_policy_s=round(handover, 3))
             report["results"]["vllm"] = result
+            save_json(out, report)
             if args.mismatch:
                 mismatch_prompts = [prompt] * 4
                 after = measure_mismatch(vllm, policy, mismatch_prompts, group, args.seed, cfg.temperature)
@@ -301,9 +307,7 @@ def main() -> None:
         if "mismatch" in report:
             print_mismatch(report["mismatch"])
 
-    out = Path(args.out or f"outputs/bench_sampler_{args.preset}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    save_json(out, report)
     print(f"wrote {out}")
     if scratch:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -9,6 +9,8 @@ tokenizer whose tokens ``t0 ... t151935`` cover the whole vocabulary (prompts ar
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -32,15 +34,18 @@ CHATML = (
 )
 
 
-def random_prompt_ids(n_tokens: int, seed: int = 0) -> list[int]:
-    """A prompt of exactly ``n_tokens`` ordinary token ids, to hand to a sampler as ids.
+def random_prompt_ids(
+    n_tokens: int, seed: int = 0, low: int = 0, high: int = min(SPECIALS.values())
+) -> list[int]:
+    """A prompt of exactly ``n_tokens`` ordinary token ids in ``[low, high)``, to hand to a sampler as ids.
+    The default range is every id below Qwen2.5's special tokens; the tiny model's is ``[3, 512)``.
 
     Ids rather than text: ``AutoTokenizer`` loads the saved word-level tokenizer as a ``Qwen2Tokenizer``
     (the config says qwen2), which rebuilds a byte-level BPE without merges, so words would encode to
     nothing. Decoding ids works either way, and ids are all a benchmark needs.
     """
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, min(SPECIALS.values()), (n_tokens,), generator=generator).tolist()
+    return torch.randint(low, high, (n_tokens,), generator=generator).tolist()
 
 
 def word_level_tokenizer(vocab_size: int = QWEN25_3B["vocab_size"]):
@@ -78,4 +83,21 @@ def write_random_qwen(
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     del model
+    return str(folder)
+
+
+def cached_random_qwen(folder: str | os.PathLike, arch: dict = QWEN25_3B) -> str:
+    """``write_random_qwen(folder, arch)`` once: a later call (another process too) finds the folder and
+    reuses it, so the benchmarks of one device check build Qwen2.5-3B's 6 GB of weights once.
+
+    The build goes to ``<folder>.partial`` and is renamed when complete: a build cut short by a time limit
+    is never mistaken for a model. The folder is the caller's key: it is not checked against ``arch``.
+    """
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return str(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_random_qwen(partial, arch)
+    os.replace(partial, folder)
     return str(folder)
