@@ -21,7 +21,7 @@
 # the measurement in flight. Default OUT: outputs/gpu_checks.
 #
 # The GPU image has python3, torch, triton, transformers, peft, accelerate and pytest, not bitsandbytes: its wheel
-# travels in .whl/ (43 MB, git-ignored; `python3 -m pip download` run here, see ../.library/device/README.md):
+# travels in .whl/ (43 MB, git-ignored; the tree and it must stay under 64 MiB; docs/BENCHMARKS.md, "The device check"):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=420)
