@@ -140,6 +140,15 @@ class GRPOConfig:
     vllm_max_model_len: Optional[int] = setting(
         None, "vLLM max_model_len (None = max_prompt_length + max_completion_length)."
     )
+    vllm_enable_sleep_mode: bool = setting(
+        False,
+        "Colocated vLLM sleeps between generations (TRL's name): its KV cache is freed and its weights go to host "
+        "RAM while the trainer runs (llm.sleep / llm.wake_up, a host-device copy each step). CUDA only.",
+    )
+    vllm_enforce_eager: Optional[bool] = setting(
+        None,
+        "vLLM without CUDA graphs (TRL's enforce_eager). None = false on a GPU (TRL's default), true on CPU.",
+    )
     # ----------------------------------------------------------------- GRPO (TRL 1.16's names and semantics)
     beta: float = setting(0.04, "KL penalty coefficient (0 = no reference model pass).")
     epsilon: float = setting(0.2, "Lower clip range: ratio is clipped below 1 - epsilon.")

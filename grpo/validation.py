@@ -268,8 +268,10 @@ def _validate_batching(cfg: GRPOConfig, need) -> None:
         )
 
 
-def config_warnings(cfg: GRPOConfig) -> list[str]:
-    """Settings that are valid but probably not what the user means: one line each, naming the fields."""
+def config_warnings(cfg: GRPOConfig, cuda: bool | None = None) -> list[str]:
+    """Settings that are valid but probably not what the user means: one line each, naming the fields.
+
+    cuda: whether this machine has a CUDA device (None = ask torch, only when a warning depends on it)."""
     notes = []
     if cfg.top_p < 1 or cfg.top_k > 0:
         notes.append(
@@ -286,4 +288,14 @@ def config_warnings(cfg: GRPOConfig) -> list[str]:
             f"loss_type=cispo caps the importance weight at epsilon_high={cfg.effective_epsilon_high} (< 1): "
             "every token is capped; CISPO uses a cap above 1 (e.g. epsilon_high: 4.0)"
         )
+    if cfg.vllm_enable_sleep_mode and cfg.sampler != "hf":
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        if not cuda:
+            notes.append(
+                "vllm_enable_sleep_mode=True: vLLM has no sleep mode without CUDA (here: CPU), so the engine "
+                "runs without it and keeps its KV cache between generations"
+            )
     return notes

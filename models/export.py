@@ -26,17 +26,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import torch
+
+from models.shm import SharedMemoryError, new_folder
 
 # Files of a model folder that hold weights (never copied: the export writes its own).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 # Names of the bitsandbytes quantisation state inside a pre-quantised checkpoint (e.g. "...weight.absmax").
 QUANT_STATE_PARTS = frozenset({"absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state"})
-SHM = "/dev/shm"
 
 
 class ExportError(ValueError):
@@ -221,32 +221,54 @@ def export_base_for_sampler(
     return folder
 
 
-def export_folder(size_bytes: int, candidates: Optional[Sequence[str]] = None) -> str:
+def export_folder(
+    size_bytes: int,
+    candidates: Optional[Sequence[str]] = None,
+    run: str = "run",
+    say: Optional[Callable[[str], None]] = print,
+) -> str:
     """A new empty folder for an export of ``size_bytes``: in RAM (/dev/shm) if it has room, else temp dir.
 
     candidates: parent folders in order of preference (default /dev/shm, then ``tempfile.gettempdir()``).
-    A parent is taken when it exists, is writable and has ``size_bytes`` + 5% free. Docker's default
-    /dev/shm is 64 MB: Qwen2.5-3B (6.2 GB in bf16) then goes to the temp dir (disk) instead.
+    A parent is taken when it exists, is writable and has ``size_bytes`` + 5% free (``models.shm.new_folder``,
+    which names the folder ``grpo-<run>-<pid>-base-<random>`` and prints one line when it falls back).
+    Docker's default /dev/shm is 64 MB: Qwen2.5-3B (6.2 GB in bf16) then goes to the temp dir (disk) instead.
     """
-    candidates = list(candidates) if candidates is not None else [SHM, tempfile.gettempdir()]
-    needed = int(size_bytes * 1.05) + 2**20
-    reasons = []
-    for parent in candidates:
-        if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
-            reasons.append(f"{parent}: not a writable folder")
-            continue
-        free = shutil.disk_usage(parent).free
-        if free < needed:
-            reasons.append(f"{parent}: {free / 1e9:.2f} GB free")
-            continue
-        return tempfile.mkdtemp(prefix="grpo-vllm-base-", dir=parent)
-    raise ExportError(
-        f"no room for the sampler's copy of the base ({needed / 1e9:.2f} GB): " + "; ".join(reasons)
-    )
+    try:
+        return new_folder("base", run, size_bytes, candidates, say=say)
+    except SharedMemoryError as err:
+        raise ExportError(str(err)) from None
+
+
+# ------------------------------------------------------------------------------------ the adapter
+
+
+def adapter_size_bytes(model: Any, dtype: torch.dtype) -> int:
+    """Bytes of the LoRA tensors of ``model`` written in ``dtype`` (what ``save_adapter_for_sampler`` writes).
+
+    Example: rank 64 on the seven projections of Qwen2.5-3B: 119.7 M parameters, 239.4 MB in bf16.
+    """
+    numel = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+def save_adapter_for_sampler(model: Any, folder: str, dtype: Union[torch.dtype, str]) -> str:
+    """Write the LoRA adapter of ``model`` in PEFT's format, its tensors in ``dtype`` (the engine's); return folder.
+
+    The same files as ``models.policy.save_adapter`` (``adapter_config.json`` + ``adapter_model.safetensors``,
+    PEFT's names) with the tensors cast: vLLM casts a LoRA to its own dtype when it loads it, so writing it in
+    that dtype changes no number vLLM computes with and halves the bytes in bf16. The trainer's master
+    weights stay fp32.
+    """
+    dtype = as_torch_dtype(dtype)
+    lora = {name: p.detach().to(dtype) for name, p in model.named_parameters() if "lora_" in name}
+    model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False, state_dict=lora)
+    return folder
 
 
 __all__ = [
     "ExportError",
+    "adapter_size_bytes",
     "as_torch_dtype",
     "base_state_dict",
     "checkpoint_tensor_names",
@@ -256,4 +278,5 @@ __all__ = [
     "export_size_bytes",
     "has_4bit_weights",
     "is_4bit",
+    "save_adapter_for_sampler",
 ]

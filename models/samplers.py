@@ -269,8 +269,11 @@ def make_sampler(config: Any, model: Any, tokenizer: Any, model_path: str, dtype
     (``models.policy.resolve_model_path``); dtype: the trainer's compute dtype (``resolve_dtype``). Prints one
     line saying which sampler and why.
 
-    config: uses sampler, temperature, top_p, top_k, max_completion_length, max_prompt_length,
-    vllm_max_model_len, vllm_gpu_memory_utilization, lora_r, load_in_4bit, seed.
+    config: uses sampler, temperature, top_p, top_k, max_completion_length, lora_r, load_in_4bit, seed; for vLLM
+    also output_dir (the run's name in its /dev/shm folders) and what ``models.vllm_sampler.engine_args`` sizes
+    the engine from (max_prompt_length, vllm_max_model_len, per_device_train_batch_size, steps_per_generation,
+    num_generations, vllm_gpu_memory_utilization, vllm_enforce_eager, vllm_enable_sleep_mode). With
+    ``vllm_mode: server``: a ``models.server_sampler.ServerSampler`` on the configured server instead.
     """
     settings = SamplingSettings.from_config(config)
     if config.vllm_mode == "server":  # a vLLM server started apart (models/server_sampler.py): no vllm here
@@ -287,7 +290,8 @@ def make_sampler(config: Any, model: Any, tokenizer: Any, model_path: str, dtype
         return HFSampler(model, tokenizer, settings)
     from models.vllm_sampler import VLLMSampler
 
-    # vLLM gets the trainer's own base: the NF4 weights dequantised, written to RAM (models/export.py)
+    # vLLM gets the trainer's own base (the NF4 weights dequantised, written to RAM once per node,
+    # models/export.py), an engine sized to the config's work, and the adapter after each step (models/shm.py)
     sampler = VLLMSampler.for_policy(config, model, tokenizer, model_path, dtype)
     print(f"sampler: vllm ({why}; {sampler.describe()})")
     return sampler

