@@ -71,7 +71,8 @@ REQUEST_TIMEOUT_S = 3600.0  # one generation request (G completions of up to max
 # Mean |server - trainer| log-prob per token on CHECK_PROMPT above which the server serves another model.
 # Measured (docs/SAMPLING.md, the colocated engine on the exported base, 2-core CPU dev machine): 1.5e-7 in
 # float32, 1.0e-3 in bfloat16 (kernels, not weights); vLLM on the original 16-bit folder instead of the
-# exported NF4 base: 0.042. The tolerances sit 10x above the first two and 4x below the last.
+# exported NF4 base: 0.042. The tolerances sit far above the first two (float32: ~700x, bf16: 10x) and 4x
+# below the last.
 CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 CHECK_PROMPT = [{"role": "user", "content": "What is 12 + 30? Think, then answer with a number."}]
 CHECK_TOKENS = 16

@@ -146,7 +146,8 @@ class FakeServer:
             if body["model"] not in self.adapters:
                 message = f"The model `{body['model']}` does not exist."
                 return self.reply(request, 404, {"error": {"message": message, "code": 404}})
-            return self.reply(request, 200, self.answer(body))
+            result = self.answer(body)  # an answer, or (status, payload) for an error
+            return self.reply(request, *(result if isinstance(result, tuple) else (200, result)))
         self.reply(request, 404, {"detail": "Not Found"})
 
     @staticmethod
@@ -524,12 +525,91 @@ def test_config_names_bad_server_settings():
         server_config(None, vllm_server_port=70000)
 
 
+# ---------------------------------------------------------------------------- two processes, one server
+
+# Run by each of two processes of `accelerate launch` (gloo, CPU), against the fake server of the test's own
+# process: one ServerSampler per process (the global main one writes and loads the adapter), one rollout of one
+# prompt each, seeded by the prompt's global position; the result (token ids, or the error) goes to a file per
+# process. Stand-ins for the policy and the tokenizer keep the processes light (no model to load).
+TWO_PROCESS_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from accelerate import Accelerator
+from models.samplers import SamplingSettings
+from models.server_sampler import ServerClient, ServerError, ServerSampler
+
+class Policy:  # what update_policy needs of a PEFT model
+    peft_config = {}
+    def save_pretrained(self, path, **kwargs):
+        os.makedirs(path)
+        open(os.path.join(path, "adapter_config.json"), "w").write("{}")
+
+class Tokenizer:
+    eos_token_id = 0
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+state = Accelerator().state
+url, out = sys.argv[2], sys.argv[3]
+sampler = ServerSampler(ServerClient(url, timeout=5), Tokenizer(), SamplingSettings(max_completion_length=6),
+                        adapter_root=os.path.join(out, "adapters"), run_tag="two", max_model_len=4096,
+                        writer=state.is_main_process)
+sampler.update_policy(Policy())
+rank = state.process_index
+try:
+    result = [o.token_ids for o in sampler.generate([[5 + rank, 6]], 2, [100 * rank + 1])]
+except ServerError as err:
+    result = str(err)
+with open(os.path.join(out, f"result-{rank}"), "w") as fh:
+    json.dump(result, fh)
+state.wait_for_everyone()
+state.destroy_process_group()
+"""
+
+
+def launch_two(fake: FakeServer, tmp_path) -> list:
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(script), str(ROOT), fake.url, str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((tmp_path / f"result-{rank}").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_processes_one_server_one_adapter_load_then_each_its_own_prompts(fake, tmp_path):
+    results = launch_two(fake, tmp_path)
+    assert results == [[fake_tokens(1, 6), fake_tokens(2, 6)], [fake_tokens(101, 6), fake_tokens(102, 6)]]
+    paths = [p for _, p, _ in fake.requests]
+    assert paths.count("/v1/load_lora_adapter") == 1  # by the main process only ...
+    assert paths.index("/v1/load_lora_adapter") < paths.index("/v1/completions")  # ... before anyone samples
+    assert sorted(b["prompt"] for b in fake.calls("/v1/completions")) == [[5, 6], [6, 6]]
+    assert {b["model"] for b in fake.calls("/v1/completions")} == {"grpo-two-v1"}
+
+
+@pytest.mark.slow
+def test_when_one_process_gets_an_error_both_stop_with_it(fake, tmp_path):
+    def refuse_process_1(body: dict):
+        if body["seed"] == 101:
+            return 400, {"error": {"message": "prompt too long", "code": 400}}
+        return FakeServer.default_answer(body)
+
+    fake.answer = refuse_process_1
+    error = f"the vLLM server at {fake.url} refused POST /v1/completions: HTTP 400: prompt too long"
+    assert launch_two(fake, tmp_path) == [f"process 1: {error}", error]
+
+
 # ---------------------------------------------------------------------------- the trainer stops, then resumes
 
 TRAIN_ARGS = [
     *tiny(), "--gradient_checkpointing", "false", "--per_device_train_batch_size", "2",
     "--max_completion_length", "12", "--learning_rate", "1e-3", "--max_grad_norm", "1.0",
-    "--warmup_ratio", "0.0", "--max_steps", "4", "--save_steps", "100", "--seed", "7",
+    "--warmup_ratio", "0.0", "--max_steps", "3", "--save_steps", "100", "--seed", "7",
 ]  # fmt: skip
 
 
@@ -581,7 +661,7 @@ def test_a_sampler_error_saves_a_checkpoint_stops_with_one_line_and_the_run_resu
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     full, again = read_metrics(tmp_path / "whole" / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    assert [r["step"] for r in again] == [1, 2, 3]
     assert [(r["loss"], r["reward"]) for r in again] == [(r["loss"], r["reward"]) for r in full]
 
 
