@@ -77,8 +77,8 @@ from grpo.run_folder import (
     rotate_checkpoints,
 )
 from grpo.signals import agreed_stop, stop_requests
-from models.forward import batch_logprobs, micro_batches, no_grad_logprobs, trim
-from models.policy import reference_model
+from models.forward import LogprobOptions, batch_logprobs, micro_batches, no_grad_logprobs, trim
+from models.policy import autocast_dtype, reference_model
 from models.samplers import SamplerError
 from rewards import RewardFuncError
 
@@ -170,18 +170,18 @@ def grpo_step(run: Run) -> list[dict[str, Any]]:
     #    and old_logp is logp.detach() inside the loss; the reference is the adapter switched off.
     policy, options, micro_size = (
         run.accelerator.unwrap_model(run.model),
-        logprob_options(cfg),
+        logprob_options(cfg, run.accelerator.device),
         micro_batch_size(cfg),
     )
     with timer("old_ref_logprobs"):
         for batch in batches:
             if needs_old_logprobs(cfg):
                 batch["old_logp"], batch["old_entropy"] = no_grad_logprobs(
-                    policy, batch, micro_size, **options
+                    policy, batch, micro_size, options
                 )
             if cfg.beta > 0:
                 with reference_model(policy):  # the adapter switched off: the base model
-                    batch["ref_logp"], _ = no_grad_logprobs(policy, batch, micro_size, **options)
+                    batch["ref_logp"], _ = no_grad_logprobs(policy, batch, micro_size, options)
             if cfg.top_entropy_quantile < 1.0:
                 batch["entropy_mask"] = top_entropy_mask(run, batch)
 
@@ -220,10 +220,15 @@ def needs_old_logprobs(cfg: GRPOConfig) -> bool:
     return cfg.num_iterations > 1 or optimizer_steps_per_rollout(cfg) > 1 or cfg.top_entropy_quantile < 1.0
 
 
-def logprob_options(cfg: GRPOConfig) -> dict[str, Any]:
-    """How ``models.forward`` computes log-probs for this config (temperature, kernel, shared prompts)."""
-    return dict(
-        temperature=cfg.temperature, backend=cfg.logprob_backend, share_prompt=cfg.share_prompt_forward
+def logprob_options(cfg: GRPOConfig, device=None, entropy_grad: bool = False) -> LogprobOptions:
+    """How ``models.forward`` computes log-probs for this config: temperature, kernel, shared prompts, and the
+    autocast dtype of the decoder forwards on `device` (bf16 in bf16 mode, none in fp32 mode)."""
+    return LogprobOptions(
+        temperature=cfg.temperature,
+        backend=cfg.logprob_backend,
+        share_prompt=cfg.share_prompt_forward,
+        compute_dtype=autocast_dtype(cfg.dtype, device),
+        entropy_grad=entropy_grad,
     )
 
 
@@ -294,10 +299,11 @@ def policy_update(run: Run, batch: dict[str, Any]) -> tuple[dict[str, float], to
         num_entropy_tokens = reduce_sum(accelerator, (batch["loss_mask"] * batch["entropy_mask"]).sum())
     sums: dict[str, float] = {}
     trainer_logp = torch.zeros_like(batch["completion_mask"])
+    options = logprob_options(cfg, accelerator.device, entropy_grad=bonus_grad)
     run.model.train()  # dropout as configured and, above all, activation checkpointing: HF only checkpoints in train mode
     for rows in micro_batches(n, micro_batch_size(cfg)):
         micro = trim(batch, rows, prompt_len)
-        logp, entropy = batch_logprobs(run.model, micro, **logprob_options(cfg), entropy_grad=bonus_grad)
+        logp, entropy = batch_logprobs(run.model, micro, options)
         old_logp = micro.get("old_logp")  # None: the policy that sampled is the current one (logp.detach())
         current = logp.detach()
         is_weights, off_policy_mask = sampling_corrections(

@@ -29,6 +29,15 @@ pass. It is detached unless `entropy_grad=True` (an entropy bonus in the loss); 
 
 to the logits gradient, with the same recomputed p.
 
+16-bit inputs (bf16 mode: the decoder's bf16 states and the bf16 lm_head): every backend forms float32 logits
+from them, a float32 accumulator over exact bf16 x bf16 products, and never rounds the logits to 16 bits (bf16
+keeps 8 significant bits: a logit near 20 would be a multiple of 0.125, its token's log-prob off by up to
+0.0625, and a tiny change of the weights could flip the rounding between two passes). The softmax, the
+log-probs and the entropy are float32; the gradients come back in the inputs' dtype. triton multiplies the bf16
+tiles on tensor cores into its float32 accumulator; torch and naive multiply float32 copies (the torch backend
+makes one float32 copy of the weight per call, V x H x 4 bytes, for the chunks to share). They run outside any
+autocast region (``torch.autocast`` would turn those float32 matmuls back into 16-bit ones).
+
 Backends: "naive" (the reference, first in this file: the definition every backend must equal),
 "torch" (chunked, logprob_kernels/logprobs_torch.py, any device), "triton" (fused
 kernels in logprob_kernels/logprobs_triton.py, CUDA, or CPU under TRITON_INTERPRET=1), "auto" (triton on
@@ -58,14 +67,23 @@ def _naive(
     return_entropy: bool,
     entropy_grad: bool = False,
 ):
-    logits = (hidden @ weight.T).float() / temperature  # [M, V]
+    # float32 logits from the (possibly bf16) inputs: a product of two bf16 numbers is exact in float32, so
+    # this is what a float32 accumulator gives, without rounding the logits to 16 bits (the triton kernel's
+    # numbers; see "16-bit inputs" in the module docstring)
+    acc_dtype = _accumulation_dtype(hidden.dtype)
+    logits = (hidden.to(acc_dtype) @ weight.to(acc_dtype).T) / temperature  # [M, V]
     log_probs = torch.log_softmax(logits, dim=-1)
-    logp = log_probs.gather(-1, targets[:, None].long()).squeeze(-1)
+    logp = log_probs.gather(-1, targets[:, None].long()).squeeze(-1).float()
     if not return_entropy:
         return logp
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):  # plain autograd when asked
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1).float()
     return logp, entropy
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit and float32 inputs; float64 stays float64 (tests use it as a reference)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,8 +105,9 @@ def token_logprobs(
     """Log-probability of each target token under `softmax(hidden @ weight.T / temperature)`.
 
     Args:
-        hidden: [M, H] final hidden states (one row per token), bf16/fp16/fp32.
-        weight: [V, H] lm_head weight, same dtype and device as `hidden`.
+        hidden: [M, H] final hidden states (one row per token), bf16/fp16/fp32 (M may be 0).
+        weight: [V, H] lm_head weight, same dtype and device as `hidden`. 16-bit inputs are multiplied
+            into float32 logits, never rounded to 16 bits (module docstring, "16-bit inputs").
         targets: [M] integer token ids in [0, V).
         temperature: the sampling temperature (> 0); logits are divided by it.
         backend: "auto" | "torch" | "triton" | "naive".
@@ -102,7 +121,8 @@ def token_logprobs(
             forward (the same three matmuls per chunk, and [M] saved instead of two [M, H]).
 
     Returns:
-        logp: [M] float32, differentiable with respect to `hidden` and to `weight` when it requires grad.
+        logp: [M] float32 (float64 from the torch backend for float64 inputs), differentiable with respect
+        to `hidden` and to `weight` when it requires grad.
         With `return_entropy=True`, `(logp, entropy)` with entropy [M] float32, detached unless
         `entropy_grad=True`, where d entropy[m] / d z[m, v] = -p[m, v] (log p[m, v] + entropy[m]).
 
@@ -118,6 +138,13 @@ def token_logprobs(
         >>> entropy.sum().backward(); h.grad
         tensor([[ 0.1221,  0.1221, -0.2442]])
     """
+    with torch.autocast(hidden.device.type, enabled=False):  # each backend picks its own precision
+        return _token_logprobs(
+            hidden, weight, targets, temperature, backend, chunk_size, return_entropy, entropy_grad
+        )
+
+
+def _token_logprobs(hidden, weight, targets, temperature, backend, chunk_size, return_entropy, entropy_grad):
     backend = _resolve_backend(backend, hidden)
     _check_inputs(hidden, weight, targets, temperature, backend)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):

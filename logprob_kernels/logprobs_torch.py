@@ -1,7 +1,9 @@
 """The "torch" backend of `logprob_kernels.logprobs.token_logprobs`: chunked over tokens, any device.
 
 The forward walks the M tokens C at a time (default 128): one [C, V] float32 logits buffer, reused by every
-chunk, gives each token's log-prob and log-sum-exp (kept: one number per token). The backward rebuilds each
+chunk, gives each token's log-prob and log-sum-exp (kept: one number per token). The logits are float32
+matmuls of float32 copies even for bf16 inputs (exact products, float32 sums, no rounding to 16 bits); the
+gradient products below run in the inputs' dtype. The backward rebuilds each
 chunk's softmax from the saved log-sum-exp, p = exp(logits / T - lse), and forms
 
     d hidden[m] = grad_logp[m] / T * (onehot(targets[m]) - p[m]) @ W
@@ -29,29 +31,25 @@ DEFAULT_CHUNK_SIZE = 128
 
 
 def _chunk_logits(
-    hidden_chunk: Tensor, weight: Tensor, inv_temp: float, out: Tensor | None, shift: Tensor | None = None
+    hidden_chunk: Tensor, weight: Tensor, inv_temp: float, out: Tensor, shift: Tensor | None = None
 ) -> Tensor:
-    """[C, H] x [V, H] -> [C, V] float32 `logits / T - shift[:, None]`, into the reused `out` when possible."""
-    if out is not None and hidden_chunk.dtype == out.dtype:
-        # float32: alpha folds 1/T into the matmul and the shift rides in as addmm's bias (beta = 1),
-        # so neither costs an extra pass over [C, V].
-        if shift is None:
-            return torch.addmm(out, hidden_chunk, weight.T, beta=0.0, alpha=inv_temp, out=out)
-        return torch.addmm(-shift[:, None], hidden_chunk, weight.T, alpha=inv_temp, out=out)
-    # bf16/fp16: the matmul accumulates in float32 inside but rounds its output to 16 bits (as the
-    # naive backend and `model(...).logits.float()` do); the softmax math is then done in float32.
-    logits = (hidden_chunk @ weight.T).to(torch.promote_types(hidden_chunk.dtype, torch.float32))
-    logits = logits.mul_(inv_temp) if inv_temp != 1.0 else logits
-    return logits if shift is None else logits.sub_(shift[:, None])
+    """[C, H] x [V, H] -> [C, V] `logits / T - shift[:, None]` written into `out` [C, V] (all one dtype, float32
+    or float64): alpha folds 1/T into the matmul and the shift rides in as addmm's bias (beta = 1), so neither
+    costs an extra pass over [C, V]."""
+    if shift is None:
+        return torch.addmm(out, hidden_chunk, weight.T, beta=0.0, alpha=inv_temp, out=out)
+    return torch.addmm(-shift[:, None], hidden_chunk, weight.T, alpha=inv_temp, out=out)
 
 
-def _reusable_buffer(rows: int, vocab: int, in_dtype, acc_dtype, device) -> Tensor | None:
-    """One [C, V] buffer reused by every chunk when the matmul can write float32 (or float64) directly."""
-    return torch.empty(rows, vocab, dtype=acc_dtype, device=device) if in_dtype == acc_dtype else None
+def _accumulation_operands(hidden: Tensor, weight: Tensor) -> tuple[torch.dtype, Tensor]:
+    """(acc_dtype, weight in acc_dtype): float32 (float64 for float64 inputs, the tests' reference).
 
-
-def _rows(buffer: Tensor | None, n: int) -> Tensor | None:
-    return None if buffer is None else buffer[:n]
+    A 16-bit weight is copied to float32 once per call, for every chunk to share: a product of two bf16 numbers
+    is exact in float32, so float32 matmuls over the upcast chunks give the float32-accumulated logits, never
+    rounded to 16 bits (what the triton kernel computes on tensor cores; 16-bit matmul outputs would round them).
+    """
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return acc_dtype, weight.to(acc_dtype)
 
 
 def torch_forward(
@@ -73,17 +71,17 @@ def torch_forward(
     """
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
     chunk = min(chunk_size or DEFAULT_CHUNK_SIZE, max(num_tokens, 1))
-    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc_dtype, weight_acc = _accumulation_operands(hidden, weight)
     inv_temp = 1.0 / temperature
     logp = torch.empty(num_tokens, dtype=acc_dtype, device=hidden.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
     dlogp_dhidden = torch.empty(hidden.shape, dtype=acc_dtype, device=hidden.device) if hidden_grad else None
-    buffer = _reusable_buffer(chunk, vocab, hidden.dtype, acc_dtype, hidden.device)
+    buffer = torch.empty(chunk, vocab, dtype=acc_dtype, device=hidden.device)  # reused by every chunk
     for start in range(0, num_tokens, chunk):
         end = min(start + chunk, num_tokens)
         chunk_targets = targets[start:end, None].long()
-        logits = _chunk_logits(hidden[start:end], weight, inv_temp, _rows(buffer, end - start))  # [C, V]
+        logits = _chunk_logits(hidden[start:end].to(acc_dtype), weight_acc, inv_temp, buffer[: end - start])
         target_logit = logits.gather(1, chunk_targets).squeeze(1)
         # In place: PyTorch's fused log_softmax (max, then sum of exp, then write) over the same buffer.
         log_probs = torch.log_softmax(logits, dim=1, out=logits)
@@ -129,7 +127,7 @@ def torch_backward(
     """
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
     chunk = min(chunk_size or DEFAULT_CHUNK_SIZE, max(num_tokens, 1))
-    acc_dtype = lse.dtype
+    acc_dtype, weight_acc = _accumulation_operands(hidden, weight)  # the forward's logits, to the last bit
     inv_temp = 1.0 / temperature
     coef = grad_logp.to(acc_dtype) * inv_temp  # [M]
     with_entropy_grad = grad_entropy is not None
@@ -139,11 +137,11 @@ def torch_backward(
         grad_logp, grad_entropy = grad_logp.to(acc_dtype), grad_entropy.to(acc_dtype)
     d_hidden = torch.empty_like(hidden) if need_hidden else None
     d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
-    buffer = _reusable_buffer(chunk, vocab, hidden.dtype, acc_dtype, hidden.device)
+    buffer = torch.empty(chunk, vocab, dtype=acc_dtype, device=hidden.device)  # reused by every chunk
     for start in range(0, num_tokens, chunk):
         end = min(start + chunk, num_tokens)
-        hidden_chunk, chunk_targets = hidden[start:end], targets[start:end, None].long()
-        shifted = _chunk_logits(hidden_chunk, weight, inv_temp, _rows(buffer, end - start), lse[start:end])
+        hidden_chunk, chunk_targets = hidden[start:end].to(acc_dtype), targets[start:end, None].long()
+        shifted = _chunk_logits(hidden_chunk, weight_acc, inv_temp, buffer[: end - start], lse[start:end])
         if not with_entropy_grad:
             probs = shifted.exp_()  # [C, V] softmax, in place
             # p - onehot: only C entries change. The per-token coef is applied to the [C, H] side of the
@@ -161,7 +159,7 @@ def torch_backward(
             product = minus_dz.to(hidden.dtype) @ weight  # [C, H]
             d_hidden[start:end] = product.to(acc_dtype).mul_(row_scale)
         if need_weight:
-            d_weight.addmm_(minus_dz.T, hidden_chunk.to(acc_dtype) * row_scale)
+            d_weight.addmm_(minus_dz.T, hidden_chunk * row_scale)
     if d_weight is not None:
         d_weight = d_weight.to(weight.dtype)
     return d_hidden, d_weight

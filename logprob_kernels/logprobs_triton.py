@@ -228,14 +228,26 @@ def _num_vocab_splits(num_tokens: int, vocab: int, device: torch.device) -> int:
     if device.type != "cuda":
         return min(3, triton.cdiv(vocab, _INTERPRETER_BLOCKS["BLOCK_V"]))  # > 1 so tests cover the merge
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    token_blocks = triton.cdiv(num_tokens, 128)
+    # M = 0 counts as one block: nothing to spread, and no division by zero
+    token_blocks = max(1, triton.cdiv(num_tokens, 128))
     return max(1, min(triton.cdiv(4 * sms, token_blocks), triton.cdiv(vocab, 256)))
 
 
 def _dot_options(dtype: torch.dtype) -> dict:
-    # float32 inputs get true fp32 products (tf32 would cost ~1e-3 relative error in the logits).
-    # Triton 3.9's interpreter gets bf16 tl.dot wrong (it multiplies the raw uint16 bits), so there the
-    # 16-bit tiles are upcast first: a bf16 x bf16 product is exact in fp32, the same as on tensor cores.
+    """How ``tl.dot`` multiplies the tiles: DOT_PRECISION and UPCAST_TILES for the kernels.
+
+    - float32 inputs: "ieee", true fp32 products on the CUDA cores (tf32 would cost ~1e-3 relative error in
+      the logits). The fp32 mode's path.
+    - bf16 / fp16 inputs (bf16 mode): the 16-bit tiles go to the tensor cores' MMA with the float32
+      accumulator; Triton reads input_precision only for float32 operands, so Triton's default ("tf32") is
+      passed and never "ieee". A bf16 x bf16 product is exact in float32: the logits are what a float32
+      matmul of the same bf16 numbers gives, up to summation order.
+    - Triton 3.9's CPU interpreter gets a 16-bit tl.dot wrong (it multiplies the raw uint16 bits), so there
+      the 16-bit tiles are upcast to float32 first: the same exact products.
+
+    >>> _dot_options(torch.float32)["DOT_PRECISION"], _dot_options(torch.bfloat16)["DOT_PRECISION"]
+    ('ieee', 'tf32')
+    """
     return {
         "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
         "UPCAST_TILES": interpreter_active() and dtype != torch.float32,
@@ -253,37 +265,39 @@ def triton_logprobs_forward(
     """logp [M], lse [M] and entropy [M] (or None), all float32, from the fused forward kernel."""
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     num_tokens, hidden_size = hidden.shape
+    if num_tokens == 0:  # no token to score (e.g. a micro-batch whose completions are all masked)
+        empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
+        return empty, empty.clone(), empty.clone() if with_entropy else None
     vocab = weight.shape[0]
     num_splits = _num_vocab_splits(num_tokens, vocab, hidden.device)
     part_max = torch.empty(num_splits, num_tokens, dtype=torch.float32, device=hidden.device)
     part_sum = torch.empty_like(part_max)
     part_dot = torch.empty_like(part_max) if with_entropy else part_max  # unused pointer when no entropy
     target_logit = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
-    if num_tokens > 0:
-        kernel, blocks = _kernel_for("fwd", hidden)
+    kernel, blocks = _kernel_for("fwd", hidden)
 
-        def grid(meta):
-            return (triton.cdiv(num_tokens, meta["BLOCK_M"]), num_splits)
+    def grid(meta):
+        return (triton.cdiv(num_tokens, meta["BLOCK_M"]), num_splits)
 
-        kernel[grid](
-            hidden,
-            weight,
-            targets,
-            part_max,
-            part_sum,
-            part_dot,
-            target_logit,
-            num_tokens,
-            vocab,
-            hidden_size,
-            hidden.stride(0),
-            weight.stride(0),
-            1.0 / temperature,
-            num_splits,
-            WITH_ENTROPY=with_entropy,
-            **_dot_options(hidden.dtype),
-            **blocks,
-        )
+    kernel[grid](
+        hidden,
+        weight,
+        targets,
+        part_max,
+        part_sum,
+        part_dot,
+        target_logit,
+        num_tokens,
+        vocab,
+        hidden_size,
+        hidden.stride(0),
+        weight.stride(0),
+        1.0 / temperature,
+        num_splits,
+        WITH_ENTROPY=with_entropy,
+        **_dot_options(hidden.dtype),
+        **blocks,
+    )
     # Merge the vocabulary slices: lse = max + log(sum_s part_sum_s * exp(part_max_s - max)).
     row_max = part_max.amax(dim=0)  # [M]
     slice_weight = torch.exp(part_max - row_max)  # [S, M]; empty slices have part_max = -inf -> 0
@@ -316,8 +330,11 @@ def triton_logprobs_backward(
     """
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     num_tokens, hidden_size = hidden.shape
+    if num_tokens == 0:  # nothing flows back: an empty d_hidden, a zero d_weight
+        d_weight = torch.zeros_like(weight) if need_weight else None
+        return (torch.empty_like(hidden) if need_hidden else None), d_weight
     vocab = weight.shape[0]
-    chunk = min(chunk_size or DEFAULT_BACKWARD_CHUNK, max(num_tokens, 1))
+    chunk = min(chunk_size or DEFAULT_BACKWARD_CHUNK, num_tokens)
     coef = grad_logp.float() / temperature  # [M]
     entropy_grad = grad_entropy is not None
     if entropy_grad and entropy is None:

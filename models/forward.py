@@ -19,12 +19,66 @@ state at P + j - 1: the last prompt token scores c0.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from logprob_kernels.logprobs import token_logprobs
+from logprob_kernels.logprobs import BACKENDS, token_logprobs
+
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class LogprobOptions:
+    """How log-probs are computed, the same for every function of this module and ``models.packing``.
+
+    temperature: the sampling temperature; the logits are divided by it, so these are the probabilities the
+        sampler drew from.
+    backend: the ``token_logprobs`` kernel: "auto" (triton on CUDA, torch elsewhere), "torch", "triton", "naive".
+    share_prompt: ``batch_logprobs`` runs each prompt once per group (``models.packing.shared_prompt_logprobs``)
+        instead of once per row (``completion_logprobs``): the same numbers either way. The functions that
+        are one of the two ignore it.
+    compute_dtype: the dtype the decoder forward runs in under ``torch.autocast`` (torch.bfloat16 in bf16
+        mode, ``models.policy.autocast_dtype``); None = no autocast, every op in its weights' dtype (fp32 mode).
+        The log-prob kernel always runs outside autocast and returns float32.
+    entropy_grad: the returned entropy carries a gradient (an entropy bonus in the loss); else it is detached.
+
+    The trainer builds one from its config (``grpo.trainer.logprob_options``):
+        >>> LogprobOptions(temperature=0.9, backend="torch", compute_dtype=torch.bfloat16)
+        LogprobOptions(temperature=0.9, backend='torch', share_prompt=True, compute_dtype=torch.bfloat16, entropy_grad=False)
+    """
+
+    temperature: float = 1.0
+    backend: str = "auto"
+    share_prompt: bool = True
+    compute_dtype: torch.dtype | None = None
+    entropy_grad: bool = False
+
+    def __post_init__(self) -> None:
+        if not float(self.temperature) > 0.0:
+            raise ValueError(f"LogprobOptions.temperature={self.temperature}: must be > 0")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"LogprobOptions.backend={self.backend!r}: must be one of {', '.join(BACKENDS)}")
+        if self.compute_dtype is not None and self.compute_dtype not in AUTOCAST_DTYPES:
+            raise ValueError(
+                f"LogprobOptions.compute_dtype={self.compute_dtype}: must be torch.bfloat16, torch.float16 or "
+                "None (None = no autocast: float32 weights compute in float32)"
+            )
+
+
+def decoder_autocast(device: torch.device | str, compute_dtype: torch.dtype | None) -> AbstractContextManager:
+    """``torch.autocast(device.type, dtype=compute_dtype)`` for the decoder forward; a no-op for None.
+
+    Under it every matmul of the decoder (the 4-bit projections, their LoRA A and B, attention) takes
+    16-bit inputs and accumulates in float32 inside; the LoRA master weights stay float32 (autocast casts
+    a copy per op, and the gradient flows back to the float32 parameter in float32).
+    """
+    if compute_dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=compute_dtype)
 
 
 def _unwrap(model):
@@ -100,12 +154,10 @@ def completion_logprobs(
     input_ids: Tensor,
     attention_mask: Tensor,
     completion_mask: Tensor,
-    temperature: float = 1.0,
-    backend: str = "auto",
+    options: LogprobOptions = LogprobOptions(),
     return_entropy: bool = False,
-    entropy_grad: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """log pi(c_t | prompt, c_<t) for every completion token, with the logits divided by `temperature`.
+    """log pi(c_t | prompt, c_<t) for every completion token, with the logits divided by the temperature.
 
     Args:
         model: the policy (a PeftModel; inside ``reference_model(model)`` this is the reference),
@@ -114,9 +166,10 @@ def completion_logprobs(
             the completion occupies the last T positions.
         attention_mask: [N, L], 1 on real prompt and completion tokens.
         completion_mask: [N, T], 1.0 on real completion tokens (from lengths: pad may equal EOS).
-        temperature: the sampling temperature, so these are the probabilities the sampler used.
-        backend: token_logprobs backend ("auto", "torch", "triton", "naive").
-        return_entropy: also return the per-token entropy [N, T] (0 where masked; detached unless entropy_grad, for an entropy bonus in the loss).
+        options: temperature (the sampler's, so these are the probabilities it used), kernel backend,
+            autocast dtype of the decoder forward, entropy_grad (``LogprobOptions``; share_prompt is not read).
+        return_entropy: also return the per-token entropy [N, T] (0 where masked; detached unless
+            ``options.entropy_grad``, for an entropy bonus in the loss).
 
     Returns:
         logp: [N, T] float32, 0.0 where completion_mask is 0; differentiable w.r.t. the LoRA weights.
@@ -125,10 +178,9 @@ def completion_logprobs(
     input_ids [pad, 5, 6, 7, 8], completion_mask [1, 1]: logp[0, 0] scores 7 from the state at 6,
     logp[0, 1] scores 8 from the state at 7.
     """
-    hidden, targets = completion_hidden_states(model, input_ids, attention_mask, completion_mask)
-    return logprobs_from_states(
-        model, hidden, targets, completion_mask, temperature, backend, return_entropy, entropy_grad
-    )
+    with decoder_autocast(input_ids.device, options.compute_dtype):
+        hidden, targets = completion_hidden_states(model, input_ids, attention_mask, completion_mask)
+    return logprobs_from_states(model, hidden, targets, completion_mask, options, return_entropy)
 
 
 def logprobs_from_states(
@@ -136,22 +188,24 @@ def logprobs_from_states(
     hidden: Tensor,
     targets: Tensor,
     completion_mask: Tensor,
-    temperature: float = 1.0,
-    backend: str = "auto",
+    options: LogprobOptions = LogprobOptions(),
     return_entropy: bool = False,
-    entropy_grad: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The fused log-probs (and entropies) of the tokens ``targets`` [M] predicted by ``hidden`` [M, H], put back
-    at the places of ``completion_mask`` [N, T] (row-major, M = completion_mask.sum()); 0 elsewhere."""
+    at the places of ``completion_mask`` [N, T] (row-major, M = completion_mask.sum()); 0 elsewhere.
+
+    The kernel gets the states in the lm_head weight's dtype (bf16 in bf16 mode, where the decoder's last norm
+    already gives bf16) and returns float32; it runs outside autocast (its matmuls choose their own precision).
+    """
     weight = lm_head_weight(model)
     result = token_logprobs(
         hidden.to(weight.dtype),
         weight,
         targets,
-        temperature,
-        backend,
+        options.temperature,
+        options.backend,
         return_entropy=return_entropy,
-        entropy_grad=entropy_grad,
+        entropy_grad=options.entropy_grad and return_entropy,
     )
     keep = completion_mask.bool()
     if return_entropy:
@@ -231,40 +285,33 @@ def trim(batch: dict[str, Any], rows: slice, prompt_len: int) -> dict[str, Any]:
 
 
 def batch_logprobs(
-    model,
-    micro: dict[str, Tensor],
-    temperature: float = 1.0,
-    backend: str = "auto",
-    share_prompt: bool = True,
-    entropy_grad: bool = False,
+    model, micro: dict[str, Tensor], options: LogprobOptions = LogprobOptions()
 ) -> tuple[Tensor, Tensor]:
     """log-probs and entropies [n, t] of a (trimmed) micro-batch under the model as it is now.
 
-    share_prompt: each prompt runs once per group (``models.packing.shared_prompt_logprobs``), else once per row
-    (``completion_logprobs``): the same numbers either way. entropy_grad: the entropy carries a gradient (for an
-    entropy bonus in the loss).
+    options.share_prompt: each prompt runs once per group (``models.packing.shared_prompt_logprobs``), else once
+    per row (``completion_logprobs``): the same numbers either way. options.entropy_grad: the entropy carries a
+    gradient (for an entropy bonus in the loss).
     """
     from models.packing import shared_prompt_logprobs  # packing builds on this module
 
-    logprobs = shared_prompt_logprobs if share_prompt else completion_logprobs
+    logprobs = shared_prompt_logprobs if options.share_prompt else completion_logprobs
     return logprobs(
         model,
         micro["input_ids"],
         micro["attention_mask"],
         micro["completion_mask"],
-        temperature=temperature,
-        backend=backend,
+        options,
         return_entropy=True,
-        entropy_grad=entropy_grad,
     )
 
 
 def no_grad_logprobs(
-    model, batch: dict[str, Tensor], micro_batch_size: int, **options
+    model, batch: dict[str, Tensor], micro_batch_size: int, options: LogprobOptions = LogprobOptions()
 ) -> tuple[Tensor, Tensor]:
     """Log-probs and entropies [N, T] of a whole batch, no grad, ``micro_batch_size`` rows at a time, in eval
     mode (no dropout, no activation checkpointing). Inside ``models.policy.reference_model(model)`` these are
-    the reference's. options: those of ``batch_logprobs``.
+    the reference's. options: as for ``batch_logprobs``.
     """
     n, t = batch["completion_mask"].shape
     prompt_len = batch["input_ids"].shape[1] - t
@@ -273,7 +320,7 @@ def no_grad_logprobs(
     model.eval()
     with torch.no_grad():
         for rows in micro_batches(n, micro_batch_size):
-            micro_logp, micro_entropy = batch_logprobs(model, trim(batch, rows, prompt_len), **options)
+            micro_logp, micro_entropy = batch_logprobs(model, trim(batch, rows, prompt_len), options)
             logp[rows, : micro_logp.shape[1]] = micro_logp
             entropy[rows, : micro_entropy.shape[1]] = micro_entropy
     return logp, entropy

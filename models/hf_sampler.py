@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 import torch
 
+from models.forward import decoder_autocast
 from models.samplers import Completion, Sampler, SamplingSettings, completion_seed, default_stop_token_ids
 
 
@@ -239,8 +240,13 @@ class HFSampler(Sampler):
         if dequantize_once is None:
             dequantize_once = next(self.model.parameters()).device.type == "cpu"
         dequantized = dequantized_4bit_weights(self.model) if dequantize_once else nullcontext()
+        # bf16 mode (models.policy keeps the frozen weights, lm_head included, in bf16): generate under the
+        # trainer's bf16 autocast, so the LoRA matmuls sample in the precision the trainer scores them in
+        hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        bf16_mode = hf_model.get_output_embeddings().weight.dtype == torch.bfloat16
+        autocast = decoder_autocast(next(self.model.parameters()).device, torch.bfloat16 if bf16_mode else None)
         try:
-            with torch.no_grad(), dequantized:
+            with torch.no_grad(), dequantized, autocast:
                 for start in range(0, len(rows), chunk):
                     outputs += self._generate_batch(rows[start : start + chunk], settings)
         finally:

@@ -43,7 +43,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from models.forward import check_row_layout, decoder_body, logprobs_from_states
+from models.forward import (
+    LogprobOptions,
+    check_row_layout,
+    decoder_autocast,
+    decoder_body,
+    logprobs_from_states,
+)
 
 # Attention implementations that take a custom 4-D mask as-is, and the mask format each expects.
 # "sdpa": torch's scaled_dot_product_attention, boolean (True = may attend) or additive float.
@@ -298,10 +304,8 @@ def shared_prompt_logprobs(
     input_ids: Tensor,
     attention_mask: Tensor,
     completion_mask: Tensor,
-    temperature: float = 1.0,
-    backend: str = "auto",
+    options: LogprobOptions = LogprobOptions(),
     return_entropy: bool = False,
-    entropy_grad: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``models.forward.completion_logprobs`` with each distinct prompt run through the model once.
 
@@ -315,11 +319,12 @@ def shared_prompt_logprobs(
         input_ids: [N, L] LongTensor, rows [left-padded prompt | right-padded completion].
         attention_mask: [N, L], 1 on real tokens; the last prompt column must be real in every row.
         completion_mask: [N, T], 1.0 on the completion tokens to score.
-        temperature, backend, return_entropy: as in ``completion_logprobs``.
+        options, return_entropy: as in ``completion_logprobs`` (``LogprobOptions``; share_prompt is not read).
 
     Returns:
         logp: [N, T] float32, 0.0 where completion_mask is 0; differentiable w.r.t. the LoRA weights.
-        With `return_entropy`, (logp, entropy) with entropy [N, T] (0 where masked; detached unless entropy_grad, for an entropy bonus in the loss).
+        With `return_entropy`, (logp, entropy) with entropy [N, T] (0 where masked; detached unless
+        ``options.entropy_grad``, for an entropy bonus in the loss).
 
     Example: rows [pad, 5, 6 | 7, 8] and [pad, 5, 6 | 9, pad] run as the one row [5, 6, 7, 8, 9]:
     logp[0, 0] (7) and logp[1, 0] (9) are both scored from the state at 6, logp[0, 1] (8) from 7.
@@ -328,14 +333,13 @@ def shared_prompt_logprobs(
     num_completion = completion_mask.shape[1]
     groups = group_rows(input_ids, attention_mask, input_ids.shape[1] - num_completion)
     packed = pack_groups(input_ids, attention_mask, completion_mask, groups)
-    states = packed_hidden_states(model, packed)  # [B, S, H]
+    with decoder_autocast(input_ids.device, options.compute_dtype):
+        states = packed_hidden_states(model, packed)  # [B, S, H]
 
     keep = completion_mask.bool()
     hidden = states.flatten(0, 1)[packed.predictor_index[keep]]  # [M, H]
     targets = input_ids[:, -num_completion:][keep]  # [M]
-    return logprobs_from_states(
-        model, hidden, targets, completion_mask, temperature, backend, return_entropy, entropy_grad
-    )
+    return logprobs_from_states(model, hidden, targets, completion_mask, options, return_entropy)
 
 
 def packed_hidden_states(model, packed: PackedGroups) -> Tensor:

@@ -7,11 +7,18 @@ QLoRA in four moves (Dettmers et al. 2023), each a library call:
    quantisation constants quantised again with double quantisation); the embedding, which Qwen2.5-3B
    ties to the lm_head, and the norms stay in 16/32 bit.
 2. ``peft.prepare_model_for_kbit_training``: freeze the base, upcast the non-quantised parameters to
-   float32 (stable norms and logits), and turn on gradient checkpointing (non-reentrant).
+   float32 (stable norms and logits), and turn on gradient checkpointing (non-reentrant). In bf16 mode
+   (``dtype`` resolves to bf16) those frozen parameters go back to bf16 (``frozen_weights_to``): the forwards
+   run under bf16 autocast, and the tied 151,936 x 2,048 embedding (= lm_head) takes 0.6 GB instead of 1.2.
 3. ``peft.get_peft_model(LoraConfig(r, alpha, targets))``: a trainable low-rank update ``B @ A`` next
    to each of the seven projections; B starts at zero, so the adapted model starts as the base.
 4. The reference model of the KL penalty is the same module with the adapter switched off
    (``reference_model``), so it costs no memory at all.
+
+The LoRA A and B matrices are float32 in every mode (PEFT upcasts 16-bit adapters), and so is the optimiser
+state: an AdamW step moves a weight by about the learning rate, 5e-6 in the recipe, while a bf16 number near
+0.02 (a LoRA A entry at r = 64, H = 2,048) is a multiple of 2^-13 = 1.2e-4, so a bf16 master weight would round
+most updates away. docs/TRAINING.md ("Which dtype where") follows each tensor through a step.
 
 ``load_in_4bit: false`` skips step 1 (a 16-bit LoRA). ``resolve_model_path`` turns a hub id, a local
 folder or the sentinel ``TINY_MODEL`` into a local folder first, failing fast with a
@@ -77,6 +84,20 @@ def resolve_dtype(dtype: str, device: DeviceLike = None) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def autocast_dtype(dtype: str, device: DeviceLike = None) -> Optional[torch.dtype]:
+    """The dtype the decoder forwards run in under ``torch.autocast``: bfloat16 where `dtype` resolves to it
+    (bf16 mode: the recipe's default on a GPU), else None (no autocast).
+
+    fp32 (the CPU default) computes in float32 as the weights are. fp16 keeps its own scheme (a 4-bit base
+    multiplies in fp16, everything else float32): under fp16 autocast the activations' gradients would
+    underflow without a loss scaler, which bf16's float32-sized exponent does not need.
+
+    >>> autocast_dtype("bf16", "cpu"), autocast_dtype("auto", "cpu"), autocast_dtype("fp16", "cpu")
+    (torch.bfloat16, None, None)
+    """
+    return torch.bfloat16 if resolve_dtype(dtype, device) == torch.bfloat16 else None
 
 
 def _is_offline() -> bool:
@@ -220,6 +241,20 @@ def _keep_one_cpu_4bit_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def frozen_weights_to(model, dtype: torch.dtype) -> int:
+    """Cast the frozen floating-point parameters of `model` (norms, embedding / tied lm_head) to `dtype`, in place.
+
+    4-bit weights (integer storage) and trainable parameters are left alone. Returns the number of
+    parameters cast. A tied embedding is one parameter, so the tie survives.
+    """
+    cast = 0
+    for param in model.parameters():
+        if param.dtype.is_floating_point and not param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
+
+
 def lora_config(config: Any):
     """The ``peft.LoraConfig`` of the policy's adapter (also handed to TRL by scripts/bench_vs_trl.py).
 
@@ -268,6 +303,9 @@ def load_policy(config: Any, device: DeviceLike = None, path: Optional[str] = No
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing, **checkpointing
         )
+        compute_dtype = autocast_dtype(config.dtype, next(model.parameters()).device)
+        if compute_dtype is not None:  # bf16 mode: undo the float32 upcast of the frozen weights
+            frozen_weights_to(model, compute_dtype)
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(**checkpointing)
 

@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_record import save_json  # noqa: E402  (scripts/bench_record.py)
 
 from grpo.config import LORA_TARGETS, GRPOConfig  # noqa: E402
-from models.forward import completion_logprobs  # noqa: E402
-from models.policy import load_policy, lora_param_count  # noqa: E402
+from models.forward import LogprobOptions, completion_logprobs  # noqa: E402
+from models.policy import autocast_dtype, load_policy, lora_param_count  # noqa: E402
 from models.tiny import CORPUS_PATH, TINY_CONFIG, train_tiny_tokenizer  # noqa: E402
 from models.tiny.random_qwen import QWEN25_3B, write_random_qwen  # noqa: E402
 
@@ -88,8 +88,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def forward_backward(model, batch: int, seq_len: int, backend: str, device: torch.device) -> dict:
-    """One training forward + backward through the hidden-state log-prob path; peak memory and time."""
+def forward_backward(
+    model, batch: int, seq_len: int, backend: str, device: torch.device, compute_dtype=None
+) -> dict:
+    """One training forward + backward through the hidden-state log-prob path, the decoder under autocast to
+    `compute_dtype` (None: none) as the trainer runs it; peak memory and time."""
     prompt_len = seq_len // 2
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, 512, (batch, seq_len), generator=gen).to(device)
@@ -103,7 +106,8 @@ def forward_backward(model, batch: int, seq_len: int, backend: str, device: torc
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    logp = completion_logprobs(model, input_ids, attention_mask, completion_mask, backend=backend)
+    options = LogprobOptions(backend=backend, compute_dtype=compute_dtype)
+    logp = completion_logprobs(model, input_ids, attention_mask, completion_mask, options)
     loss = -(logp * completion_mask).sum() / completion_mask.sum()
     loss.backward()
     if cuda:
@@ -164,11 +168,14 @@ def main(argv=None) -> dict:
     }
     if cuda:
         report["weights_allocated_mib"] = round((torch.cuda.memory_allocated(device) - before) / MIB, 1)
+    compute_dtype = autocast_dtype(config.dtype, device)
     output = args.output or f"bench_model_memory_{preset}.json"
     report["forward_backward"] = []
     save_json(output, report)  # after loading, then after each backend: a time limit loses one measurement
     for backend in backends:
-        report["forward_backward"].append(forward_backward(model, batch, seq_len, backend, device))
+        report["forward_backward"].append(
+            forward_backward(model, batch, seq_len, backend, device, compute_dtype)
+        )
         save_json(output, report)
 
     print(json.dumps(report, indent=2))

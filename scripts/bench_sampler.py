@@ -53,7 +53,7 @@ from grpo.config import GRPOConfig  # noqa: E402
 from grpo.metrics import sampler_mismatch  # noqa: E402
 from grpo.rollout import collate  # noqa: E402
 from models.hf_sampler import HFSampler  # noqa: E402
-from models.policy import resolve_dtype, resolve_model_path  # noqa: E402
+from models.policy import autocast_dtype, resolve_dtype, resolve_model_path  # noqa: E402
 from models.samplers import SamplingSettings, derive_seed, vllm_importable  # noqa: E402
 from models.tiny import TINY_MODEL  # noqa: E402
 from models.tiny.random_qwen import write_random_qwen  # noqa: E402
@@ -100,14 +100,15 @@ def timed_generate(sampler, prompts, num_generations: int, seed: int) -> dict:
 
 
 def measure_mismatch(
-    vllm_sampler, policy, prompts, num_generations: int, seed: int, temperature: float
+    vllm_sampler, policy, prompts, num_generations: int, seed: int, temperature: float, compute_dtype=None
 ) -> dict:
     """vLLM's log-probs vs the trainer's (models.forward.completion_logprobs on ``policy``), vLLM's samples.
 
     The sampler must hold the policy's current adapter (``update_policy(policy)``), so that the two sides
-    differ only by their base weights and kernels.
+    differ only by their base weights and kernels. compute_dtype: the trainer's autocast dtype
+    (``models.policy.autocast_dtype``; None in fp32 mode).
     """
-    from models.forward import completion_logprobs
+    from models.forward import LogprobOptions, completion_logprobs
 
     prompt_ids = vllm_sampler.encode(prompts)
     outputs = vllm_sampler.generate(
@@ -123,7 +124,7 @@ def measure_mismatch(
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),
             batch["completion_mask"].to(device),
-            temperature=temperature,
+            LogprobOptions(temperature=temperature, compute_dtype=compute_dtype),
         ).cpu()
     policy.train(was_training)
     metrics = sampler_mismatch(batch["sampler_logp"], logp, batch["completion_mask"])
@@ -281,7 +282,10 @@ def main() -> None:
             save_json(out, report)
             if args.mismatch:
                 mismatch_prompts = [prompt] * 4
-                after = measure_mismatch(vllm, policy, mismatch_prompts, group, args.seed, cfg.temperature)
+                compute_dtype = autocast_dtype(cfg.dtype)
+                after = measure_mismatch(
+                    vllm, policy, mismatch_prompts, group, args.seed, cfg.temperature, compute_dtype
+                )
                 after["vllm_base"] = (
                     "the trainer's own NF4 base, dequantised" if four_bit else "the original folder"
                 )
@@ -290,7 +294,7 @@ def main() -> None:
                 gc.collect()  # the engine holds its memory until collected; the next one checks what is free
                 before_sampler = original_folder_sampler(cfg, policy, tokenizer, model_path, dtype)
                 before = measure_mismatch(
-                    before_sampler, policy, mismatch_prompts, group, args.seed, cfg.temperature
+                    before_sampler, policy, mismatch_prompts, group, args.seed, cfg.temperature, compute_dtype
                 )
                 before["vllm_base"] = "the original model folder"
                 before_sampler.close()

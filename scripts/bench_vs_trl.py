@@ -659,10 +659,10 @@ def same_batch(cfg: GRPOConfig) -> dict[str, Any]:
         rewards_per_func, reward_weights(cfg), G, cfg.multi_objective_aggregation, cfg.scale_rewards
     )
     batch = step_batch(groups, advantages, 0, cfg, run.accelerator, run.tokenizer.pad_token_id)
-    options = logprob_options(cfg)
+    options = logprob_options(cfg, run.accelerator.device)
     with reference_model(policy):
-        batch["ref_logp"], _ = no_grad_logprobs(policy, batch, micro_batch_size(cfg), **options)
-    current_logp, _ = no_grad_logprobs(policy, batch, micro_batch_size(cfg), **options)
+        batch["ref_logp"], _ = no_grad_logprobs(policy, batch, micro_batch_size(cfg), options)
+    current_logp, _ = no_grad_logprobs(policy, batch, micro_batch_size(cfg), options)
 
     # TRL on the same rows, with our (perturbed) adapter
     with tempfile.TemporaryDirectory() as scratch:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tiny_run import randomise_adapter
 
 from grpo.config import LORA_TARGETS, GRPOConfig
-from models.forward import completion_logprobs, lm_head_weight, position_ids_from_mask
+from models.forward import LogprobOptions, completion_logprobs, lm_head_weight, position_ids_from_mask
 from models.policy import (
     ModelLoadError,
     load_adapter,
@@ -294,14 +294,16 @@ def test_hidden_state_path_equals_log_softmax_of_the_models_logits(tiny_path):
 
     expected = full_logits_logprobs(model, input_ids, attention_mask, completion_mask, temperature)
     for backend in ("naive", "torch"):
-        got = completion_logprobs(model, input_ids, attention_mask, completion_mask, temperature, backend)
+        options = LogprobOptions(temperature=temperature, backend=backend)
+        got = completion_logprobs(model, input_ids, attention_mask, completion_mask, options)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         assert (got[completion_mask == 0] == 0).all()
 
     # the gradients reaching the LoRA weights agree too
     params = [p for p in model.parameters() if p.requires_grad]
     grads_full = torch.autograd.grad(expected.sum(), params)
-    got = completion_logprobs(model, input_ids, attention_mask, completion_mask, temperature, "torch")
+    options = LogprobOptions(temperature=temperature, backend="torch")
+    got = completion_logprobs(model, input_ids, attention_mask, completion_mask, options)
     grads_hidden = torch.autograd.grad(got.sum(), params)
     for a, b in zip(grads_full, grads_hidden, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -309,7 +311,7 @@ def test_hidden_state_path_equals_log_softmax_of_the_models_logits(tiny_path):
     # entropy of the same distribution, 0 on padding
     with torch.no_grad():
         _, entropy = completion_logprobs(
-            model, input_ids, attention_mask, completion_mask, temperature, return_entropy=True
+            model, input_ids, attention_mask, completion_mask, options, return_entropy=True
         )
         positions = position_ids_from_mask(attention_mask)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits

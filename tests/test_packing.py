@@ -20,7 +20,7 @@ from tiny_run import randomise_adapter
 
 import models.packing
 from grpo.config import GRPOConfig
-from models.forward import completion_logprobs, decoder_body
+from models.forward import LogprobOptions, completion_logprobs, decoder_body
 from models.packing import (
     attention_mask_for,
     block_causal_mask,
@@ -255,8 +255,7 @@ def logp_entropy_and_grads(fn, model, input_ids, attention_mask, completion_mask
         input_ids,
         attention_mask,
         completion_mask,
-        temperature=0.9,
-        backend=backend,
+        LogprobOptions(temperature=0.9, backend=backend),
         return_entropy=True,
     )
     (logp * loss_weights).sum().backward()
@@ -303,7 +302,7 @@ def test_logp_entropy_and_lora_gradients_equal_row_by_row(policies, load_in_4bit
     with gradient_checkpointing(model, checkpointing):
         assert_same_as_row_by_row(model, *batch, backend=backend)
         with count_mlp_calls() as calls:  # one packed forward + backward
-            logp = shared_prompt_logprobs(model, *batch, backend=backend)
+            logp = shared_prompt_logprobs(model, *batch, LogprobOptions(backend=backend))
             forward_calls = len(calls)
             logp.sum().backward()
         model.zero_grad(set_to_none=True)

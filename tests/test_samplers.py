@@ -139,7 +139,7 @@ def reference_logprobs(model, batch: dict, temperature: float) -> torch.Tensor:
 
 def trainer_logprobs(model, batch: dict, temperature: float) -> torch.Tensor:
     """The trainer's own log-probs of the completion tokens (models.forward.completion_logprobs)."""
-    from models.forward import completion_logprobs
+    from models.forward import LogprobOptions, completion_logprobs
 
     with torch.no_grad():
         logp = completion_logprobs(
@@ -147,8 +147,7 @@ def trainer_logprobs(model, batch: dict, temperature: float) -> torch.Tensor:
             batch["input_ids"],
             batch["attention_mask"],
             batch["completion_mask"],
-            temperature=temperature,
-            backend="torch",
+            LogprobOptions(temperature=temperature, backend="torch"),
         )
     return logp * batch["completion_mask"]
 

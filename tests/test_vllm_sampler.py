@@ -41,7 +41,7 @@ from models.export import (
     has_4bit_weights,
     save_adapter_for_sampler,
 )
-from models.forward import completion_logprobs
+from models.forward import LogprobOptions, completion_logprobs
 from models.policy import load_policy, reference_model, resolve_model_path
 from models.samplers import SamplingSettings, derive_seed
 from models.shm import owner_pid
@@ -581,7 +581,11 @@ def test_vllm_samples_from_the_trainers_own_weights(vllm_sampler, policy, model_
         policy_model.eval()
         with torch.no_grad():
             logp = completion_logprobs(
-                policy_model, batch["input_ids"], batch["attention_mask"], mask, temperature=1.0
+                policy_model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                mask,
+                LogprobOptions(temperature=1.0),
             )
         policy_model.train(was_training)
         return logp
