@@ -7,13 +7,16 @@ write into it, and whether a checkpoint there belongs to the run that resumes it
                              writes, verifies and loads what is inside
     checkpoint-<step>.tmp/   a save that was killed before its final rename: never used, removed
     metrics.jsonl, metrics.png, runs/   the run's other outputs (RUN_OUTPUTS)
+    .grpo_run.lock           locked (flock, by the ``filelock`` package) by the run writing here; kept, empty
+    .grpo_run.holder.json    who holds it: host, pid, start time; removed when the run ends
 
 This module only looks at those names, never inside a checkpoint's files:
 
 1. finding: ``checkpoint_dirs`` (complete ones, oldest first), ``remove_incomplete_checkpoints``, and
    ``rotate_checkpoints`` (keep at most save_total_limit);
-2. guarding: ``check_output_dir``, before any model is loaded: a fresh run never silently takes over
-   a folder that holds another run;
+2. guarding, before any model is loaded: ``hold_output_dir`` locks the folder for the run's whole life (one
+   run per folder: a second one stops at once, naming the holder), and ``check_output_dir`` keeps a fresh
+   run from silently taking over a folder that holds an earlier run;
 3. resuming: ``check_resume_config``: a checkpoint is continued only by a run defined the same way
    (``RESUMABLE_FIELDS`` is the allow-list of what may change).
 
@@ -24,13 +27,23 @@ the other way round.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
 import re
 import shutil
+import socket
+import time
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from filelock import FileLock, Timeout
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 CHECKPOINT_NAME_RE = re.compile(r"^checkpoint-(\d+)$")  # checkpoint-<step>; the group is the step
 INCOMPLETE_NAME_RE = re.compile(r"^checkpoint-(\d+)\.tmp$")  # a save still under way, or killed
@@ -137,6 +150,18 @@ def run_outputs(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(checkpoints) + others
 
 
+def make_writable(output_dir: str | os.PathLike) -> None:
+    """Create output_dir if needed and write (then delete) a probe file in it: OutputDirError naming it if not."""
+    root = Path(output_dir)
+    probe = root / f".write_probe_{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputDirError(f"output_dir {str(root)!r} is not writable ({error_line(err)})", root) from err
+
+
 def check_output_dir(
     output_dir: str | os.PathLike, overwrite_output_dir: bool, resuming: bool, is_main_process: bool = True
 ) -> list[Path]:
@@ -151,13 +176,7 @@ def check_output_dir(
     Call it on every process (they all see the same folder, so they all raise alike), then wait.
     """
     root = Path(output_dir)
-    probe = root / f".write_probe_{os.getpid()}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise OutputDirError(f"output_dir {str(root)!r} is not writable ({error_line(err)})", root) from err
+    make_writable(root)
     if resuming:
         return []
     earlier = run_outputs(root)
@@ -175,6 +194,144 @@ def check_output_dir(
         for path in earlier:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     return earlier
+
+
+# ============================================================================ one run per folder
+
+RUN_LOCK = ".grpo_run.lock"  # flock'ed by the run that writes into output_dir, for its whole life
+RUN_HOLDER = ".grpo_run.holder.json"  # {"host", "pid", "started"} of that run; removed when it ends
+HOLDER_WAIT_SECONDS = 5.0  # how long a refused run waits for the holder to write RUN_HOLDER (it locks first)
+
+_held: dict[Path, RunLock] = {}  # this process's locks, by resolved folder
+
+
+@dataclasses.dataclass
+class RunLock:
+    """The lock a run holds on its output_dir, and what it wrote in RUN_HOLDER (``holder``)."""
+
+    output_dir: Path
+    lock: FileLock
+    holder: dict[str, Any]
+
+    def release(self) -> None:
+        """Remove RUN_HOLDER and unlock. Only the process that took the lock does anything (a forked child
+        inherits the atexit hook, not the lock), and only once."""
+        if self.holder["pid"] != os.getpid() or _held.get(self.output_dir.resolve()) is not self:
+            return
+        del _held[self.output_dir.resolve()]
+        if read_holder(self.output_dir) == self.holder:
+            (self.output_dir / RUN_HOLDER).unlink(missing_ok=True)
+        self.lock.release(force=True)
+
+
+def read_holder(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The RUN_HOLDER record of output_dir: {"host", "pid", "started"}; None when absent or unreadable."""
+    try:
+        holder = json.loads((Path(output_dir) / RUN_HOLDER).read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and {"host", "pid", "started"} <= holder.keys() else None
+
+
+def process_is_running(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _is_live(holder: dict[str, Any] | None) -> bool:
+    """A holder record that may belong to a running process (another host's pid cannot be checked from here)."""
+    return holder is not None and (
+        holder["host"] != socket.gethostname() or process_is_running(holder["pid"])
+    )
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """Example: ``describe_holder({"host": "n1", "pid": 42, "started": "2025-01-01T10:00:00"})`` ->
+    ``"pid 42 on host n1 (started 2025-01-01T10:00:00)"``."""
+    return f"pid {holder['pid']} on host {holder['host']} (started {holder['started']})"
+
+
+def lock_output_dir(output_dir: str | os.PathLike, warn: Callable[[str], None] = print) -> RunLock:
+    """Lock output_dir for this process's run, until ``release_output_dir`` or the process ends.
+
+    The lock is an OS file lock (flock) on RUN_LOCK, which the OS drops when its process dies, however it
+    dies; RUN_HOLDER beside it names the holder. So:
+    - a folder another live run holds: OutputDirError naming it (host, pid, start time), at once;
+    - a RUN_HOLDER left by a run that died (SIGKILL, OOM kill, power loss): its lock is gone with it, so this
+      run takes it and ``warn`` says whose lock it took over (one line);
+    - the same process again (a second run in one Python session): the lock it already holds.
+    """
+    root = Path(output_dir)
+    if (held := _held.get(root.resolve())) is not None:
+        return held
+    make_writable(root)
+    lock = FileLock(root / RUN_LOCK, thread_local=False)  # released by whichever thread ends the run
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        # the holder locks, then writes RUN_HOLDER: wait briefly until a live one is there
+        deadline = time.monotonic() + HOLDER_WAIT_SECONDS
+        while not _is_live(holder := read_holder(root)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        who = describe_holder(holder) if holder else "another process (it has not written its name)"
+        raise OutputDirError(
+            f"output_dir {str(root)!r} is in use by another run: {who}; wait for it to end, or choose another "
+            "--output_dir",
+            root,
+        ) from None
+    except OSError as err:
+        raise OutputDirError(f"output_dir {str(root)!r} cannot be locked ({error_line(err)})", root) from err
+    previous = read_holder(root)
+    holder = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    partial = root / f"{RUN_HOLDER}.{os.getpid()}.tmp"
+    partial.write_text(json.dumps(holder) + "\n")
+    os.replace(partial, root / RUN_HOLDER)  # whole or absent: a refused run never reads half a record
+    if previous is not None:
+        gone = "is no longer running" if not _is_live(previous) else "no longer holds it"
+        warn(
+            f"output_dir {str(root)!r}: took over the lock left by {describe_holder(previous)}, which {gone}"
+        )
+    run_lock = _held[root.resolve()] = RunLock(root, lock, holder)
+    atexit.register(run_lock.release)  # a run that ends by an exception still leaves the folder free
+    return run_lock
+
+
+def release_output_dir(output_dir: str | os.PathLike) -> None:
+    """Release this process's lock on output_dir, if it holds one (a no-op otherwise)."""
+    held = _held.get(Path(output_dir).resolve())
+    if held is not None:
+        held.release()
+
+
+def hold_output_dir(
+    output_dir: str | os.PathLike, accelerator: Accelerator, warn: Callable[[str], None] = print
+) -> RunLock | None:
+    """``lock_output_dir`` for a run of one or many processes: the main process locks (one lock per run,
+    whatever the process count), then tells the others (one broadcast) whether it may go on, so that
+    every process of a refused run raises the same OutputDirError. Returns the lock on the main process."""
+    from accelerate.utils import broadcast_object_list
+
+    run_lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            run_lock = lock_output_dir(output_dir, warn)
+        except OutputDirError as err:
+            refusal = str(err)
+    if accelerator.num_processes > 1:
+        refusal = broadcast_object_list([refusal], from_process=0)[0]
+    if refusal is not None:
+        raise OutputDirError(refusal, output_dir)
+    return run_lock
 
 
 # ============================================================================ resuming the same run

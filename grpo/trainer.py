@@ -36,7 +36,7 @@ import contextlib
 import io
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,10 +73,13 @@ from grpo.rollout import optimizer_steps_per_rollout, reward_weights, sample_rol
 from grpo.run_folder import (
     check_output_dir,
     check_resume_config,
+    hold_output_dir,
+    release_output_dir,
     remove_incomplete_checkpoints,
     rotate_checkpoints,
 )
 from grpo.signals import agreed_stop, stop_requests
+from grpo.validation import accelerate_dtype
 from models.forward import LogprobOptions, batch_logprobs, micro_batches, no_grad_logprobs, trim
 from models.policy import autocast_dtype, reference_model
 from models.samplers import SamplerError
@@ -319,7 +322,9 @@ def policy_update(run: Run, batch: dict[str, Any]) -> tuple[dict[str, float], to
             Corrections(is_weights, off_policy_mask, micro.get("entropy_mask"), entropy, entropy_coef),
             Counts(batch["num_sequences"], batch["num_tokens"], num_entropy_tokens),
         )
-        accelerator.backward(loss)
+        # the gradient itself: accelerator.backward would scale it under an fp16 accelerate config, and
+        # nothing here unscales (accelerate_dtype refuses fp16 at setup)
+        loss.backward()
         add_metric_sums(sums, loss, metrics, cfg.importance_sampling_level)
         effective = micro["loss_mask"] * micro.get("entropy_mask", 1.0)
         sums["entropy_effective"] = (
@@ -400,11 +405,17 @@ def setup(cfg: GRPOConfig, train_data: MixtureStream | None = None) -> Run:
     from models.policy import load_policy, load_tokenizer, resolve_dtype, resolve_model_path
     from models.samplers import make_sampler
 
+    # accelerate launch's settings (fp16, DeepSpeed, FSDP: refused; bf16 makes dtype auto bf16), before
+    # Accelerator() (which cannot even be built for DeepSpeed without deepspeed) and the model
+    dtype = accelerate_dtype(cfg.dtype)
+    if dtype != cfg.dtype:
+        cfg = replace(cfg, dtype=dtype)
     accelerator = Accelerator()
     set_seed(cfg.seed)  # the same seed on every process: identical LoRA initialisation everywhere
     say = accelerator.print
     say(f"device: {accelerator.device}, processes: {accelerator.num_processes}")
     resuming = bool(cfg.resume_from_checkpoint)
+    hold_output_dir(cfg.output_dir, accelerator, warn=say)  # one run per folder, until train() returns
     check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     resume_from = None
@@ -447,7 +458,10 @@ def setup(cfg: GRPOConfig, train_data: MixtureStream | None = None) -> Run:
 
 def train(cfg: GRPOConfig) -> Path:
     """Run GRPO for cfg.max_steps optimiser steps; returns the folder of the final checkpoint."""
-    return fit(setup(cfg))
+    try:
+        return fit(setup(cfg))
+    finally:  # however the run ends (the OS drops the lock of a killed one)
+        release_output_dir(cfg.output_dir)
 
 
 def fit(run: Run) -> Path:

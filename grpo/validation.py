@@ -2,7 +2,9 @@
 
 ``GRPOConfig.__post_init__`` calls ``validate``, so an invalid config never exists: each problem is one
 ``ConfigError`` whose message names the field and the value (the CLI prints it as one line and exits 2).
-``config_warnings`` lists valid settings that are probably not what the user means.
+``config_warnings`` lists valid settings that are probably not what the user means (scripts/train.py prints
+each as one ``config warning:`` line). ``accelerate_dtype`` checks the config against what ``accelerate launch``
+asks for (its environment variables) and refuses what this trainer does not support.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 from grpo.config import OVERLONG_REWARD, REWARD_FUNC_NAMES, ConfigError, GRPOConfig
@@ -273,9 +277,11 @@ def config_warnings(cfg: GRPOConfig, cuda: bool | None = None) -> list[str]:
 
     cuda: whether this machine has a CUDA device (None = ask torch, only when a warning depends on it)."""
     notes = []
-    if cfg.top_p < 1 or cfg.top_k > 0:
+    truncation = {"top_p": cfg.top_p < 1, "top_k": cfg.top_k > 0}  # which of the two is on
+    truncating = [f"{name}={getattr(cfg, name)}" for name, on in truncation.items() if on]
+    if truncating:
         notes.append(
-            f"top_p={cfg.top_p}, top_k={cfg.top_k}: the sampler draws from a truncated distribution while every "
+            f"{', '.join(truncating)}: the sampler draws from a truncated distribution while every "
             "log-prob of the loss is of the full softmax, so the samples are off-policy (ratios far from 1)"
         )
     if cfg.importance_sampling_level == "sequence" and cfg.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
@@ -299,3 +305,61 @@ def config_warnings(cfg: GRPOConfig, cuda: bool | None = None) -> list[str]:
                 "runs without it and keeps its KV cache between generations"
             )
     return notes
+
+
+# ============================================================================ what accelerate launch asks for
+
+
+class AccelerateConfigError(ConfigError):
+    """``accelerate launch`` asks for a setup this trainer does not support, or one that contradicts ``dtype``."""
+
+
+SUPPORTED_LAUNCHES = (
+    "supported: one process, plain DDP (multi-GPU) or multi-CPU, with mixed_precision no or bf16"
+)
+# accelerate launch hands its config to every process in environment variables, and Accelerator() reads them
+# (accelerate/state.py): these three switch the model and optimiser to another engine.
+UNSUPPORTED_ENGINES = {
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+    "ACCELERATE_USE_FSDP": "FSDP",
+    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+}
+MIXED_PRECISION_VARIABLE = "ACCELERATE_MIXED_PRECISION"
+_TRUE = {"1", "y", "yes", "t", "true", "on"}  # accelerate's str_to_bool
+
+
+def accelerate_dtype(dtype: str, environ: Mapping[str, str] | None = None) -> str:
+    """The run's compute dtype under the accelerate settings in ``environ`` (os.environ when None), or
+    AccelerateConfigError naming the setting this trainer cannot honour.
+
+    Why so few: the update calls ``loss.backward()`` itself and sums the gradients with one all-reduce; the
+    model and optimiser are never handed to ``accelerator.prepare``. So DeepSpeed, FSDP and Megatron-LM (which
+    shard or wrap them) would not be used, and fp16 mixed precision needs a loss scaler that nothing applies.
+    bf16 needs no scaler: it agrees with ``dtype: auto`` (which then means bf16) or ``bf16``, and contradicts
+    an explicit ``fp32`` or ``fp16``.
+
+    >>> accelerate_dtype("auto", {"ACCELERATE_MIXED_PRECISION": "bf16"}), accelerate_dtype("fp32", {})
+    ('bf16', 'fp32')
+    """
+    environ = os.environ if environ is None else environ
+    for variable, engine in UNSUPPORTED_ENGINES.items():
+        if environ.get(variable, "").strip().lower() in _TRUE:
+            raise AccelerateConfigError(
+                f"{engine} ({variable}={environ[variable]}) is not supported: this trainer sums the gradients "
+                f"itself and never hands the model to accelerate; {SUPPORTED_LAUNCHES}"
+            )
+    mixed_precision = environ.get(MIXED_PRECISION_VARIABLE, "no").strip().lower() or "no"
+    if mixed_precision not in ("no", "bf16"):
+        why = " (it needs a loss scaler, which nothing applies here)" if mixed_precision == "fp16" else ""
+        raise AccelerateConfigError(
+            f"mixed_precision {mixed_precision} ({MIXED_PRECISION_VARIABLE}={environ[MIXED_PRECISION_VARIABLE]}) "
+            f"is not supported{why}; {SUPPORTED_LAUNCHES}"
+        )
+    if mixed_precision == "no" or dtype == "bf16":
+        return dtype
+    if dtype == "auto":
+        return "bf16"
+    raise AccelerateConfigError(
+        f"accelerate's mixed_precision bf16 ({MIXED_PRECISION_VARIABLE}=bf16) and the config's dtype {dtype} "
+        "disagree: set dtype: bf16 (or auto), or launch with --mixed_precision no"
+    )

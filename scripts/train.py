@@ -11,6 +11,9 @@ function; Ctrl-C) ends the run with one line on stderr that names it, and a non-
 2 for a bad config or no arguments, 130 for Ctrl-C, 1 for the others. ``--debug`` (or the environment
 variable GRPO_DEBUG=1) shows the full traceback instead. Any other exception is a bug: its traceback
 is always shown.
+
+A valid setting that is probably not what the user means (e.g. top_p < 1) prints one ``config warning:``
+line on stderr (grpo/validation.py ``config_warnings``), once (on the main process), and the run goes on.
 """
 
 import argparse
@@ -28,6 +31,7 @@ if os.path.abspath(os.getcwd()) != ROOT:
     sys.path.insert(1, os.getcwd())
 
 from grpo.config import load_config  # noqa: E402  (light: validates before anything heavy is imported)
+from grpo.validation import accelerate_dtype, config_warnings  # noqa: E402  (light, as grpo.config)
 
 USAGE = "train.py --config FILE [--field value ...] [--debug]"
 FIRST_RUN = "python scripts/train.py --config scripts/configs/tiny-cpu.yaml"
@@ -60,6 +64,7 @@ DEBUG_ENV = "GRPO_DEBUG"
 # error is reported before torch, transformers and datasets are imported: an error of a module that
 # was never imported cannot have been raised.
 EXPECTED_ERRORS = (
+    ("grpo.validation", "AccelerateConfigError", "accelerate config error", EXIT_USAGE),  # a ConfigError
     ("grpo.config", "ConfigError", "config error", EXIT_USAGE),
     ("data.common", "DataError", "data error", EXIT_ERROR),
     ("models.policy", "ModelLoadError", "model error", EXIT_ERROR),
@@ -105,6 +110,35 @@ def expected_error(err: BaseException) -> Optional[tuple[str, int]]:
         if error_class is not None and isinstance(err, error_class):
             return f"{label}: {one_line(str(err))}", status
     return None
+
+
+# The global rank as launchers hand it over before any process group exists: torchrun and accelerate launch
+# set RANK, MPI launchers (accelerate's multi-CPU) their own; none of them: a single process.
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def is_main_process(environ: Optional[dict] = None) -> bool:
+    """Whether this process is the launch's first (rank 0), from the launcher's environment variables.
+
+    >>> is_main_process({}), is_main_process({"RANK": "0"}), is_main_process({"PMI_RANK": "3"})
+    (True, True, False)
+    """
+    environ = os.environ if environ is None else environ
+    for name in RANK_VARIABLES:
+        if environ.get(name, "").strip():
+            return int(environ[name]) == 0
+    return True
+
+
+def print_config_warnings(config, environ: Optional[dict] = None) -> list[str]:
+    """One ``config warning:`` line on stderr per note of ``config_warnings``, on the main process only
+    (every process would print the same). Returns the lines printed."""
+    if not is_main_process(environ):
+        return []
+    lines = [f"config warning: {note}" for note in config_warnings(config)]
+    for line in lines:
+        print(line, file=sys.stderr)
+    return lines
 
 
 def print_help() -> None:
@@ -169,6 +203,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         config = load_config(argv)  # validated before anything heavy is imported
+        # accelerate launch's settings, refused here in a second rather than after torch's import (setup checks
+        # again, for callers that skip this script)
+        accelerate_dtype(config.dtype)
+        print_config_warnings(config)
         quiet_library_output()
         from grpo.trainer import train
 

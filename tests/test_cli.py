@@ -1,6 +1,8 @@
 """The scripts as a user meets them (issue 14 §4, §6): every error a user can cause ends scripts/train.py
 with exactly one line on stderr naming the problem, a non-zero exit status and no traceback; --help;
---debug; a reward module in the working folder; where scripts/evaluate.py writes its report.
+--debug; a reward module in the working folder; where scripts/evaluate.py writes its report. Also what
+train.py says before it starts (issue 19 §4, §7; issue 23 §3): the accelerate settings it refuses, one run per
+output folder, and the ``config warning:`` lines.
 
 Each bad input runs scripts/train.py in a subprocess (offline, the tiny model, the bundled fixtures) and
 fails before any training step.
@@ -12,15 +14,23 @@ import dataclasses
 import doctest
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from tiny_run import tiny
+
+from grpo.config import ConfigError, load_config
+from grpo.run_folder import RUN_HOLDER, RUN_LOCK, checkpoint_dirs, process_is_running, read_holder
+from grpo.validation import SUPPORTED_LAUNCHES, AccelerateConfigError, accelerate_dtype, config_warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "data" / "fixtures"
@@ -35,15 +45,20 @@ TINY_ARGS = [
 ]  # fmt: skip
 
 
-def run_train(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
-    """scripts/train.py in a subprocess, offline, without GRPO_DEBUG from the caller's environment."""
+def train_environment(**env: str) -> dict[str, str]:
+    """The caller's environment, offline, unbuffered, without GRPO_DEBUG, plus ``env``."""
     environment = {k: v for k, v in os.environ.items() if k != "GRPO_DEBUG"}
     environment.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **env)
+    return environment
+
+
+def run_train(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    """scripts/train.py in a subprocess, offline, without GRPO_DEBUG from the caller's environment."""
     return subprocess.run(
         [sys.executable, str(TRAIN_SCRIPT), *args],
         capture_output=True,
         text=True,
-        env=environment,
+        env=train_environment(**env),
         cwd=cwd,
         timeout=900,
     )
@@ -159,6 +174,225 @@ def test_a_bad_resume_path(tmp_path, kind):
     line = the_one_line(tiny_run(tmp_path, "--resume_from_checkpoint", str(path)))
     assert line.startswith(f"checkpoint error: resume_from_checkpoint='{path}': {path}"), line
     assert ("no such checkpoint folder" in line) == (kind == "missing")
+
+
+def wait_for(condition, what: str, timeout: float = 600.0):
+    """Poll ``condition`` (a file written, a process gone) until it returns something true, and return it."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def dead_pid() -> int:
+    """The pid of a process that has just ended (and been reaped)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(done.stdout)
+    assert not process_is_running(pid)
+    return pid
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_into_one_folder(tmp_path):
+    """A scheduler starts the same job twice: exactly one trains, the other stops at once with one line naming
+    the holder. The folder also holds the record of a run that was killed (a dead pid): the run that trains
+    takes its lock over and says so. Once a run holds the lock it is paused (SIGSTOP) until the other has
+    exited, so the other meets the lock however the two are scheduled."""
+    out = tmp_path / "out"
+    out.mkdir()
+    host, killed = socket.gethostname(), dead_pid()
+    (out / RUN_HOLDER).write_text(
+        json.dumps({"host": host, "pid": killed, "started": "2025-01-01T00:00:00+00:00"})
+    )
+    runs = {}  # pid -> (name, process)
+    for name in ("a", "b"):
+        with open(tmp_path / f"{name}.out", "w") as stdout, open(tmp_path / f"{name}.err", "w") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, str(TRAIN_SCRIPT), *TINY_ARGS, "--output_dir", str(out)],
+                stdout=stdout, stderr=stderr, env=train_environment(), cwd=ROOT,
+            )  # fmt: skip
+        runs[proc.pid] = (name, proc)
+    try:
+        holder = wait_for(
+            lambda: (h := read_holder(out)) and h["pid"] in runs and h, "a run to lock the folder"
+        )
+        winner_name, winner = runs[holder["pid"]]
+        loser_name, loser = next(run for pid, run in runs.items() if pid != winner.pid)
+        winner.send_signal(signal.SIGSTOP)
+        loser.wait(timeout=600)
+        winner.send_signal(signal.SIGCONT)
+        winner.wait(timeout=900)
+    finally:
+        for _, proc in runs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait()
+    err = {name: (tmp_path / f"{name}.err").read_text() for name in ("a", "b")}
+    assert winner.returncode == 0, err[winner_name][-3000:]
+    assert "Traceback" not in err[loser_name], err[loser_name][-3000:]
+    assert loser.returncode == 1 and err[loser_name].strip().splitlines() == [
+        f"output_dir error: output_dir '{out}' is in use by another run: pid {winner.pid} on host {host} "
+        f"(started {holder['started']}); wait for it to end, or choose another --output_dir"
+    ], err[loser_name][-3000:]
+    took_over = [
+        line for line in (tmp_path / f"{winner_name}.out").read_text().splitlines() if "lock" in line
+    ]
+    assert took_over == [
+        f"output_dir '{out}': took over the lock left by pid {killed} on host {host} "
+        "(started 2025-01-01T00:00:00+00:00), which is no longer running"
+    ]
+    # one run's outputs: its 2 steps once each, its 2 checkpoints; the lock is free again
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert (out / RUN_LOCK).exists() and not (out / RUN_HOLDER).exists()
+
+
+# ---------------------------------------------------------------------------- accelerate launch
+
+
+@pytest.mark.parametrize(
+    "variable, value, what",
+    [
+        ("ACCELERATE_MIXED_PRECISION", "fp16", "mixed_precision fp16 (ACCELERATE_MIXED_PRECISION=fp16) is not supported"),
+        ("ACCELERATE_USE_DEEPSPEED", "true", "DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) is not supported"),
+        ("ACCELERATE_USE_FSDP", "true", "FSDP (ACCELERATE_USE_FSDP=true) is not supported"),
+    ],
+)  # fmt: skip
+def test_an_unsupported_accelerate_config_stops_before_anything_starts(tmp_path, variable, value, what):
+    """`accelerate launch` with an fp16, DeepSpeed or FSDP config hands these variables to the process."""
+    result = tiny_run(tmp_path, **{variable: value})
+    line = the_one_line(result, status=2)
+    assert line.startswith(f"accelerate config error: {what}"), line
+    assert line.endswith(SUPPORTED_LAUNCHES), line
+    # before the process group (its "device:" line), the output folder and the model
+    assert result.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_accelerate_bf16_against_an_explicit_fp32_dtype_is_one_line(tmp_path):
+    # TINY_ARGS set dtype: fp32
+    line = the_one_line(tiny_run(tmp_path, ACCELERATE_MIXED_PRECISION="bf16"), status=2)
+    assert line == (
+        "accelerate config error: accelerate's mixed_precision bf16 (ACCELERATE_MIXED_PRECISION=bf16) and the "
+        "config's dtype fp32 disagree: set dtype: bf16 (or auto), or launch with --mixed_precision no"
+    )
+
+
+MP = "ACCELERATE_MIXED_PRECISION"
+
+
+@pytest.mark.parametrize(
+    "dtype, environ, expected",
+    [
+        ("auto", {}, "auto"), ("fp32", {MP: "no"}, "fp32"), ("fp16", {}, "fp16"),  # no mixed precision: the config's
+        ("auto", {MP: "bf16"}, "bf16"), ("auto", {MP: "BF16"}, "bf16"), ("bf16", {MP: "bf16"}, "bf16"),
+        ("auto", {"ACCELERATE_USE_DEEPSPEED": "false", "ACCELERATE_USE_FSDP": "0"}, "auto"),
+    ],
+)  # fmt: skip
+def test_the_dtype_under_a_supported_accelerate_config(dtype, environ, expected):
+    assert accelerate_dtype(dtype, environ) == expected
+
+
+@pytest.mark.parametrize(
+    "dtype, environ, start",
+    [
+        ("fp32", {MP: "bf16"}, "accelerate's mixed_precision bf16 (ACCELERATE_MIXED_PRECISION=bf16) and the config's dtype fp32 disagree"),
+        ("fp16", {MP: "bf16"}, "accelerate's mixed_precision bf16 (ACCELERATE_MIXED_PRECISION=bf16) and the config's dtype fp16 disagree"),
+        ("bf16", {MP: "fp16"}, "mixed_precision fp16 (ACCELERATE_MIXED_PRECISION=fp16) is not supported (it needs a loss scaler"),
+        ("auto", {MP: "fp8"}, "mixed_precision fp8 (ACCELERATE_MIXED_PRECISION=fp8) is not supported; supported: one process"),
+        ("auto", {"ACCELERATE_USE_FSDP": "1"}, "FSDP (ACCELERATE_USE_FSDP=1) is not supported"),
+        ("auto", {"ACCELERATE_USE_MEGATRON_LM": "True"}, "Megatron-LM (ACCELERATE_USE_MEGATRON_LM=True) is not supported"),
+        ("auto", {"ACCELERATE_USE_DEEPSPEED": "yes", MP: "bf16"}, "DeepSpeed (ACCELERATE_USE_DEEPSPEED=yes)"),
+    ],
+)  # fmt: skip
+def test_an_unsupported_accelerate_config_is_a_config_error(dtype, environ, start, train_cli):
+    with pytest.raises(AccelerateConfigError) as err:
+        accelerate_dtype(dtype, environ)
+    assert str(err.value).startswith(start), str(err.value)
+    assert isinstance(err.value, ConfigError)
+    line, status = train_cli.expected_error(err.value)
+    assert line == f"accelerate config error: {err.value}" and status == 2
+
+
+# ---------------------------------------------------------------------------- config warnings
+
+OFF_POLICY = (
+    "the sampler draws from a truncated distribution while every log-prob of the loss is of the full softmax, "
+    "so the samples are off-policy (ratios far from 1)"
+)
+# one case per warning config_warnings can give (and top_p with top_k: still one line)
+WARNINGS = {
+    "top_p": (["--top_p", "0.9"], f"top_p=0.9: {OFF_POLICY}"),
+    "top_k": (["--top_k", "20"], f"top_k=20: {OFF_POLICY}"),
+    "top_p and top_k": (["--top_p", "0.9", "--top_k", "20"], f"top_p=0.9, top_k=20: {OFF_POLICY}"),
+    "sequence level with a token sum": (
+        ["--importance_sampling_level", "sequence", "--loss_type", "dapo"],
+        "importance_sampling_level=sequence with loss_type=dapo: the token sum weights each sequence by its "
+        "length; GSPO's setup is loss_type: grpo",
+    ),
+    "cispo capped below 1": (
+        ["--loss_type", "cispo"],
+        "loss_type=cispo caps the importance weight at epsilon_high=0.2 (< 1): every token is capped; CISPO uses "
+        "a cap above 1 (e.g. epsilon_high: 4.0)",
+    ),
+    "sleep mode without CUDA": (
+        ["--sampler", "vllm", "--vllm_enable_sleep_mode", "true"],
+        "vllm_enable_sleep_mode=True: vLLM has no sleep mode without CUDA (here: CPU), so the engine runs without "
+        "it and keeps its KV cache between generations",
+    ),
+}
+
+
+def test_every_warning_has_its_case():
+    """A warning added to config_warnings without a case here fails this test."""
+    distinct = {text.split(":")[0] for _, text in WARNINGS.values()} - {"top_p=0.9", "top_k=20"}
+    assert inspect.getsource(config_warnings).count("notes.append(") == len(distinct)
+
+
+@pytest.mark.parametrize("case", list(WARNINGS))
+def test_each_config_warning_is_one_line_on_stderr(case, train_cli, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the sleep-mode warning is about CPU
+    for name in train_cli.RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    args, text = WARNINGS[case]
+    config = load_config([*TINY_ARGS, *args])
+    assert train_cli.print_config_warnings(config) == [f"config warning: {text}"]
+    assert capsys.readouterr().err == f"config warning: {text}\n"
+
+
+def test_no_warning_for_the_defaults_or_the_shipped_configs(train_cli, capsys):
+    assert train_cli.print_config_warnings(load_config(TINY_ARGS), environ={}) == []
+    for path in sorted((ROOT / "scripts" / "configs").glob("*.yaml")):
+        assert config_warnings(load_config(["--config", str(path)]), cuda=False) == [], path.name
+    assert capsys.readouterr().err == ""
+
+
+def test_config_warnings_print_on_the_main_process_only(train_cli, capsys):
+    config = load_config([*TINY_ARGS, "--top_k", "20"])
+    for environ in ({"RANK": "1"}, {"PMI_RANK": "2"}):  # accelerate launch (torchrun style), an MPI launcher
+        assert train_cli.print_config_warnings(config, environ) == []
+    assert capsys.readouterr().err == ""
+    assert train_cli.print_config_warnings(config, {"RANK": "0"}) == [
+        f"config warning: top_k=20: {OFF_POLICY}"
+    ]
+
+
+def test_config_warnings_come_first_then_the_run_goes_on(tmp_path):
+    """Wired into train.py: the warning, then the run starts (here it stops at the next check: no checkpoint)."""
+    result = tiny_run(tmp_path, "--top_p", "0.9", "--resume_from_checkpoint", "latest")
+    assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr[-3000:]
+    warning, error = result.stderr.strip().splitlines()
+    assert warning == f"config warning: top_p=0.9: {OFF_POLICY}"
+    assert error.startswith("checkpoint error: resume_from_checkpoint='latest': no checkpoint-<step>/ in "), (
+        error
+    )
+    assert result.stdout.startswith("device: ")  # the run had started
 
 
 # ---------------------------------------------------------------------------- config

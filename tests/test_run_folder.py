@@ -1,24 +1,39 @@
 """The output folder (grpo/run_folder.py): rotation, the guard that keeps a fresh run from taking over
-another run's folder, and the resume config check. Folders of fake checkpoints (a trainer_state.json
-each) are enough here; test_checkpoint.py checks real checkpoints, and check_resume_config on one.
+another run's folder, the lock that allows one run per folder, and the resume config check. Folders of fake
+checkpoints (a trainer_state.json each) are enough here; test_checkpoint.py checks real checkpoints, and
+check_resume_config on one; tests/test_cli.py starts two real runs into one folder.
 """
 
 import json
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+import grpo.run_folder
 from grpo.run_folder import (
     PROMPTS_PER_STEP,
     RESUMABLE_FIELDS,
+    RUN_HOLDER,
+    RUN_LOCK,
     CheckpointError,
     OutputDirError,
     check_output_dir,
     config_defaults,
     config_differences,
+    hold_output_dir,
+    lock_output_dir,
+    process_is_running,
+    read_holder,
+    release_output_dir,
     rotate_checkpoints,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- rotation
 
@@ -142,6 +157,139 @@ def test_an_existing_read_only_output_dir_is_named():
     # a folder nobody can create files in, root included (chmod does not stop root)
     with pytest.raises(OutputDirError, match=r"output_dir '/proc/self' is not writable \(FileNotFoundError"):
         check_output_dir("/proc/self", overwrite_output_dir=False, resuming=False)
+
+
+# ----------------------------------------------------------------------------- one run per folder
+
+
+@pytest.fixture
+def lines():
+    """What lock_output_dir says (its ``warn``); every lock the test took is released at the end."""
+    said: list[str] = []
+    yield said
+    for folder in list(grpo.run_folder._held):
+        release_output_dir(folder)
+
+
+def holding_process(output_dir: Path, how: str = "lock_output_dir") -> subprocess.Popen:
+    """Another process that holds output_dir's lock (``lock_output_dir``, or only the bare file lock, without a
+    holder record) and waits on its stdin; returns once it holds it."""
+    take = {
+        "lock_output_dir": f"from grpo.run_folder import lock_output_dir; lock_output_dir({str(output_dir)!r})",
+        "bare": f"import filelock; lock = filelock.FileLock({str(output_dir / RUN_LOCK)!r}); lock.acquire()",
+    }[how]
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"{take}; print('held', flush=True); import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert child.stdout.readline() == "held\n"
+    return child
+
+
+def test_a_folder_another_run_holds_is_refused_naming_it(tmp_path, lines):
+    out = tmp_path / "out"
+    child = holding_process(out)
+    try:
+        holder = read_holder(out)
+        assert holder["pid"] == child.pid and holder["host"] == socket.gethostname()
+        with pytest.raises(OutputDirError) as err:
+            lock_output_dir(out, lines.append)
+        assert str(err.value) == (
+            f"output_dir '{out}' is in use by another run: pid {child.pid} on host {socket.gethostname()} "
+            f"(started {holder['started']}); wait for it to end, or choose another --output_dir"
+        )
+        assert lines == [] and read_holder(out) == holder  # the refused run changed nothing
+    finally:
+        child.kill()
+        child.wait()
+    # killed (SIGKILL: no clean-up), its lock went with it: the next run takes it over and says whose it was
+    run_lock = lock_output_dir(out, lines.append)
+    assert lines == [
+        f"output_dir '{out}': took over the lock left by pid {child.pid} on host {socket.gethostname()} "
+        f"(started {holder['started']}), which is no longer running"
+    ]
+    assert read_holder(out) == run_lock.holder and run_lock.holder["pid"] == os.getpid()
+
+
+def test_a_planted_record_of_a_dead_pid_is_taken_over(tmp_path, lines):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    assert not process_is_running(pid)
+    stale = {"host": socket.gethostname(), "pid": pid, "started": "2025-01-01T00:00:00+00:00"}
+    (tmp_path / RUN_HOLDER).write_text(json.dumps(stale))
+    lock_output_dir(tmp_path, lines.append)
+    assert lines == [
+        f"output_dir '{tmp_path}': took over the lock left by pid {pid} on host {socket.gethostname()} "
+        "(started 2025-01-01T00:00:00+00:00), which is no longer running"
+    ]
+    # another host's record cannot be checked for a live pid: the lock itself says it is free
+    release_output_dir(tmp_path)
+    (tmp_path / RUN_HOLDER).write_text(json.dumps({**stale, "host": "elsewhere", "pid": os.getpid()}))
+    lines.clear()
+    lock_output_dir(tmp_path, lines.append)
+    assert lines == [
+        f"output_dir '{tmp_path}': took over the lock left by pid {os.getpid()} on host elsewhere "
+        "(started 2025-01-01T00:00:00+00:00), which no longer holds it"
+    ]
+
+
+def test_a_holder_that_never_names_itself(tmp_path, lines, monkeypatch):
+    monkeypatch.setattr(grpo.run_folder, "HOLDER_WAIT_SECONDS", 0.2)
+    child = holding_process(tmp_path, how="bare")
+    try:
+        with pytest.raises(
+            OutputDirError, match=r"in use by another run: another process \(it has not written"
+        ):
+            lock_output_dir(tmp_path, lines.append)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_the_lock_is_held_until_released_then_free(tmp_path, lines):
+    run_lock = lock_output_dir(tmp_path, lines.append)
+    assert lock_output_dir(tmp_path, lines.append) is run_lock  # the same process again: the lock it holds
+    assert lines == [] and sorted(p.name for p in tmp_path.iterdir()) == [RUN_HOLDER, RUN_LOCK]
+    probe = [
+        sys.executable,
+        "-c",
+        f"from grpo.run_folder import lock_output_dir; lock_output_dir({str(tmp_path)!r})",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    held = subprocess.run(probe, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert held.returncode == 1 and f"in use by another run: pid {os.getpid()} on host" in held.stderr
+    release_output_dir(tmp_path)
+    release_output_dir(tmp_path)  # twice: nothing more
+    assert [p.name for p in tmp_path.iterdir()] == [
+        RUN_LOCK
+    ]  # the record goes; the lock file stays, unlocked
+    free = subprocess.run(probe, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert free.returncode == 0, free.stderr
+    assert lines == []
+
+
+def test_the_lock_files_are_no_run_output(tmp_path, lines):
+    _earlier_run(tmp_path)
+    lock_output_dir(tmp_path, lines.append)
+    check_output_dir(tmp_path, overwrite_output_dir=True, resuming=False)
+    assert _names(tmp_path) == [RUN_HOLDER, RUN_LOCK, "checkpoint-best", "notes.txt"]
+
+
+def test_an_unwritable_folder_is_named_before_any_lock(tmp_path, lines):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputDirError, match=rf"output_dir '{tmp_path}/file/out' is not writable"):
+        lock_output_dir(tmp_path / "file" / "out", lines.append)
+
+
+def test_only_the_main_process_locks(tmp_path, lines):
+    other = SimpleNamespace(is_main_process=False, num_processes=1)
+    assert hold_output_dir(tmp_path / "a", other, lines.append) is None
+    assert not (tmp_path / "a").exists()
+    main = SimpleNamespace(is_main_process=True, num_processes=1)
+    run_lock = hold_output_dir(tmp_path / "b", main, lines.append)
+    assert run_lock is not None and read_holder(tmp_path / "b") == run_lock.holder
 
 
 # ----------------------------------------------------------------------------- the resume config
