@@ -5,6 +5,8 @@ learning, and the loss and gradient of both on one identical batch.
     python scripts/bench_vs_trl.py                              # the embedded default, 60 steps, 3 pairs
     python scripts/bench_vs_trl.py --steps 10 --pairs 1         # a quick look
     python scripts/bench_vs_trl.py --config FILE --field value  # any config; GRPOConfig fields override it
+    python scripts/bench_vs_trl.py --preset smollm2 --steps 20 --pairs 1  # SmolLM2-135M-Instruct, cold-started
+                                                                # (scripts/cold_start.py first, README)
 
 What both trainers get (each run in a process of its own, so that peak memory is its own):
 
@@ -91,6 +93,9 @@ sys.path.insert(0, str(ROOT))
 from grpo.config import GRPOConfig, load_config  # noqa: E402
 
 DEFAULT_CONFIG = "scripts/configs/tiny-cpu.yaml"
+# --preset NAME: a shipped config. smollm2 trains a real model (SmolLM2-135M-Instruct after its cold start, the
+# shipped PubMedQA / GSM8K rows); its model folder is made by scripts/cold_start.py with the same config.
+PRESETS = {"tiny": DEFAULT_CONFIG, "smollm2": "scripts/configs/smollm2-cpu.yaml"}
 TRAINERS = ("ours", "trl")
 PHASES = ("generate", "score", "old_ref_logprobs", "forward_backward", "optimizer", "other")
 PHASE_NAMES = {
@@ -904,8 +909,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--config", help=f"our YAML config (default {DEFAULT_CONFIG})")
     parser.add_argument(
-        "--config", default=DEFAULT_CONFIG, help=f"our YAML config (default {DEFAULT_CONFIG})"
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a shipped config in place of --config: "
+        + ", ".join(f"{name} = {path}" for name, path in PRESETS.items())
+        + " (smollm2: run scripts/cold_start.py with that config first)",
     )
     parser.add_argument("--steps", type=int, default=60, help="optimiser steps per run (default 60)")
     parser.add_argument("--pairs", type=int, default=3, help="pairs of runs, interleaved A B B A (default 3)")
@@ -922,7 +932,24 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     args, overrides = parser.parse_known_args(argv)
     if args.steps < 1 or args.pairs < 1:
         parser.error("--steps and --pairs must be >= 1")
+    if args.preset and args.config:
+        parser.error("--preset and --config: give one of them")
+    args.config = PRESETS[args.preset] if args.preset else (args.config or DEFAULT_CONFIG)
     return args, overrides
+
+
+def check_model(cfg: GRPOConfig, config_path: str) -> None:
+    """Resolve the model once in the parent (a conversion or a missing folder shows here, not in a child's log);
+    SystemExit naming the cold start when the config's model is a folder that is not there yet."""
+    from models.policy import ModelLoadError, resolve_model_path
+
+    try:
+        resolve_model_path(cfg.model_name_or_path)
+    except ModelLoadError as err:
+        hint = ""
+        if not os.path.exists(cfg.model_name_or_path) and cfg.model_name_or_path.startswith("outputs/"):
+            hint = f"; if it is a cold-started model, make it first: python scripts/cold_start.py --config {config_path}"
+        raise SystemExit(f"bench_vs_trl.py: {err}{hint}") from None
 
 
 def child_main(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -950,6 +977,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         cfg = bench_config(args.config, overrides, args.steps, None, str(Path(scratch) / "run"))
         check_comparable(cfg)  # fail here, before any model is loaded
+        check_model(cfg, args.config)
         trl_settings = trl_grpo_config(cfg, str(Path(scratch) / "trl")).to_dict()
     base_seed = cfg.seed
     report: dict[str, Any] = {

@@ -156,7 +156,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(json.dumps(row) + "\n")  # ASCII: no Unicode line break inside a row (str.splitlines)
 
 
 def build(pubmedqa_repo: Path, gsm8k_repo: Path, output: Path, n_train: int, n_test: int) -> dict[str, Any]:
