@@ -15,10 +15,11 @@ QLoRA in four moves (Dettmers et al. 2023), each a library call:
 4. The reference model of the KL penalty is the same module with the adapter switched off
    (``reference_model``), so it costs no memory at all.
 
-The LoRA A and B matrices are float32 in every mode (PEFT upcasts 16-bit adapters), and so is the optimiser
-state: an AdamW step moves a weight by about the learning rate, 5e-6 in the recipe, while a bf16 number near
-0.02 (a LoRA A entry at r = 64, H = 2,048) is a multiple of 2^-13 = 1.2e-4, so a bf16 master weight would round
-most updates away. docs/TRAINING.md ("Which dtype where") follows each tensor through a step.
+The LoRA A and B matrices (the master weights the optimiser updates, in float32) are float32 in every mode
+(PEFT upcasts 16-bit adapters): an AdamW step moves a weight by about the learning rate, 5e-6 in the recipe,
+while a bf16 number near 0.02 (a LoRA A entry at r = 64, H = 2,048) is a multiple of 2^-13 = 1.2e-4, so a bf16
+master weight would round most updates away. docs/TRAINING.md ("Which dtype where") follows each tensor
+through a step.
 
 ``load_in_4bit: false`` skips step 1 (a 16-bit LoRA). ``resolve_model_path`` turns a hub id, a local
 folder or the sentinel ``TINY_MODEL`` into a local folder first, failing fast with a
