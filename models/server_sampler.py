@@ -46,6 +46,7 @@ import shlex
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
@@ -379,6 +380,12 @@ class ServerSampler(Sampler):
         self.owns_adapter_root = owns_adapter_root
         self.served: dict = {}  # GET /v1/models' entry, filled by for_policy
         self.check: dict[str, float] = {}  # the model check's figures, filled by for_policy
+        # the writer's adapter folders go even when close() is never called (a run stopped by an error)
+        self._cleanup = (
+            weakref.finalize(self, shutil.rmtree, adapter_root, True)
+            if writer and owns_adapter_root
+            else None
+        )
         self._version = 0
         self._loaded: Optional[str] = None  # the adapter the server holds for us
         self._pending = False  # update_policy wrote a version the server has not loaded yet
@@ -651,9 +658,8 @@ class ServerSampler(Sampler):
                 )
             except httpx.HTTPError:
                 pass
-        if self.writer:
-            if self.owns_adapter_root:
-                shutil.rmtree(self.adapter_root, ignore_errors=True)
+        if self._cleanup is not None:
+            self._cleanup()
         self.client.close()
 
 

@@ -364,6 +364,19 @@ def test_the_adapter_is_written_each_step_and_loaded_under_a_new_name_before_sam
     assert fake.adapters == {} and not root.exists()
 
 
+def test_a_sampler_never_closed_still_removes_its_adapter_folder(fake, policy, tmp_path):
+    """A run stopped by an error never calls close(): the folder goes when the sampler does (or at exit)."""
+    import gc
+
+    model, _ = policy
+    sampler, _ = sampler_on(fake, policy, tmp_path)
+    sampler.update_policy(model)
+    assert (tmp_path / "adapters" / "v1").is_dir()
+    del sampler
+    gc.collect()
+    assert not (tmp_path / "adapters").exists()
+
+
 def test_a_restarted_server_gets_the_adapter_again(fake, policy, tmp_path):
     model, _ = policy
     sampler, _ = sampler_on(fake, policy, tmp_path)
