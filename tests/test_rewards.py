@@ -1268,3 +1268,58 @@ def test_the_failure_reported_is_the_first_in_the_functions_order():
 
     with pytest.raises(RewardFuncError, match="'first' raised KeyError"):
         combine_rewards([PERFECT], ONE, [first, second])
+
+
+def test_the_worked_example_of_docs_rewards():
+    """docs/REWARDS.md, "A worked example": cites_guideline (None for gsm8k) beside correctness."""
+    from grpo.advantages import multi_objective_advantages
+    from grpo.metrics import reward_metrics
+
+    def cites_guideline(completions, db_set, **columns):
+        return [
+            None if source == "gsm8k" else 0.5 * ("guideline" in text.lower())
+            for text, source in zip(completions, db_set, strict=True)
+        ]
+
+    texts = [
+        "<answer>\nyes\n</answer> per the ESC guideline",
+        "<answer>\nno\n</answer>",
+        "<answer>\n7\n</answer>",
+        "<answer>\n8\n</answer>",
+    ]
+    columns = {"answer": ["yes", "yes", "7", "7"], "db_set": ["pubmedqa", "pubmedqa", "gsm8k", "gsm8k"]}
+    total, per_func = combine_rewards(texts, columns, ["correctness_reward_func", cites_guideline])
+    assert total.tolist() == [2.5, 0.0, 2.0, 0.0]
+    metrics = reward_metrics(total, per_func, columns["db_set"], 2)
+    assert metrics["rewards/cites_guideline/mean"] == 0.25 and metrics["reward"] == 1.125
+    table = torch.stack(list(per_func.values()), dim=1).double()
+    weights = torch.ones(2, dtype=torch.float64)
+    x = 1 / (math.sqrt(2) + 1e-4)
+    summed = multi_objective_advantages(table, weights, 2, "sum_then_normalize")
+    first = 1.25 / (math.sqrt(2 * 1.25**2) + 1e-4)  # totals [2.5, 0]: mean 1.25, std 1.7678
+    torch.testing.assert_close(summed, torch.tensor([first, -first, x, -x], dtype=torch.float64))
+    assert round(first, 4) == round(x, 4) == 0.7071
+    gdpo = multi_objective_advantages(table, weights, 2, "normalize_then_sum")
+    z_guideline = 0.25 / (math.sqrt(2 * 0.25**2) + 1e-4)
+    assert z_guideline == pytest.approx(0.7069, abs=1e-4)
+    s = torch.tensor([x + z_guideline, -(x + z_guideline), x, -x], dtype=torch.float64)
+    std = math.sqrt((s**2).sum().item() / 3)
+    assert std == pytest.approx(1.2908, abs=1e-4)
+    torch.testing.assert_close(gdpo, s / (std + 1e-4))
+    assert [round(a, 4) for a in gdpo.tolist()] == [1.0953, -1.0953, 0.5477, -0.5477]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("reward_num_workers", "-1", "reward_num_workers=-1: must be >= 0"),
+        ("reward_timeout", "0", "reward_timeout=0.0: must be > 0 (or null = no limit)"),
+        ("judge_timeout", "0", "judge_timeout=0.0: must be > 0"),
+        ("judge_max_concurrency", "0", "judge_max_concurrency=0: must be > 0"),
+    ],
+)
+def test_the_reward_settings_are_validated(field, value, message):
+    from grpo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        load_config(["--model_name_or_path", "tiny-random-qwen2", f"--{field}", value])
