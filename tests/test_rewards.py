@@ -979,17 +979,19 @@ def test_none_is_left_out_of_the_weighted_sum():
 
 
 def test_a_completion_no_function_applies_to_is_one_clear_error():
+    def math_only(completions, db_set, **kwargs):
+        return [1.0 if source == "gsm8k" else None for source in db_set]
+
     def nothing_for_med_mc(completions, db_set, **kwargs):
         return [None if source == "med_mc" else 0.0 for source in db_set]
 
+    # row 0 (gsm8k): both apply; row 1 (pubmedqa): the second; row 2 (med_mc): neither
     with pytest.raises(
         RewardFuncError,
-        match=r"^no reward function applies to row 2 \(med_mc\): 'medical_only', 'nothing_for_med_mc' all "
+        match=r"^no reward function applies to row 2 \(med_mc\): 'math_only', 'nothing_for_med_mc' all "
         r"returned None for it; every completion needs a reward from at least one function$",
     ) as raised:
-        combine_rewards(
-            TEXTS3, {**COLUMNS3, "db_set": ["gsm8k", "gsm8k", "med_mc"]}, [medical_only, nothing_for_med_mc]
-        )
+        combine_rewards(TEXTS3, COLUMNS3, [math_only, nothing_for_med_mc])
     assert raised.value.row == 2
     # the caller's names for the rows (the trainer's: the prompt's place in the training stream)
     names = [
