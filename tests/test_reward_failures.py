@@ -4,9 +4,10 @@ Each failure mode is a real run of scripts/train.py (a subprocess, offline, the 
 module in the working folder, as a user would write it: the function scores the first rollout, then fails on the
 second (it raises, hangs past reward_timeout, returns inf, returns one value too few, or returns None where no
 other function scores). Each time: exit status 1, no traceback, one line naming the function, the completion
-(its prompt's position in the training stream, its source, its number in the group) and the error; step 1 is
-kept (metrics line and checkpoint-1, which only the failure wrote); and with the module fixed,
-``--resume_from_checkpoint latest`` trains step 2 and ends normally. ``--debug`` shows the traceback instead.
+(its prompt's position in the training stream, its source, its number in the group) and the error; the steps
+done are kept (metrics lines and a checkpoint that only the failure wrote: checkpoint-1, or checkpoint-0 for a
+function that fails from the start); and with the module fixed, ``--resume_from_checkpoint latest`` trains the
+failed step on the same prompts and ends normally. ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ from tiny_run import tiny
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
 
-# two steps of 2 prompts x 4 completions; save_steps beyond the run: a checkpoint-1 can only be the failure's
+# two steps of 2 prompts x 4 completions; save_steps beyond the run: a checkpoint before the end is the failure's
 ARGS = [
     *tiny("tiny-random-qwen2"), "--gradient_checkpointing", "false", "--per_device_train_batch_size", "2",
     "--max_completion_length", "16", "--max_steps", "2", "--save_steps", "100", "--seed", "7",
     "--reward_timeout", "3",
 ]  # fmt: skip
 
-# The user's module: scores the first call, fails from the second on as FAILURE says. "raises" fails on the
-# completions equal to the second completion of the failing batch, so the error can name one completion.
+# The user's module: scores the first call, fails from the second on as FAILURE says ("no_function_applies" from
+# the first: a run that fails before any step). "raises" fails on the completions equal to the second completion
+# of the failing batch, so the error can name one completion.
 FAILING_MODULE = """
 import math
 import os
@@ -46,9 +48,9 @@ def flaky(completions, **columns):
     global CALLS
     CALLS += 1
     n = len(completions)
-    if CALLS == 1:
-        return [0.5] * n
     mode = os.environ["FAILURE"]
+    if CALLS == 1 and mode != "no_function_applies":
+        return [0.5] * n
     if mode == "raises":
         if not BAD:
             BAD.append(completions[1])
@@ -71,7 +73,7 @@ COMPLETION = r"prompt [23] of the training stream \((gsm8k|pubmedqa|med_mc)\), c
 BATCH = r"a batch of 8 completions \(prompt 2 of the training stream \(\w+\), completion 0 \.\.\. prompt 3 of the training stream \(\w+\), completion 3\)"
 NAME = "reward function 'my_rewards:flaky'"
 MODES = {
-    # mode: (reward_funcs, the error after "step 2: ")
+    # mode: (reward_funcs, the error after "step 2: ", or "step 1: " for no_function_applies)
     "raises": (["correctness_reward_func", "my_rewards:flaky"],
                rf"{NAME} raised ZeroDivisionError: division by zero in my scorer on {COMPLETION}"),
     "hangs": (["correctness_reward_func", "my_rewards:flaky"],
@@ -81,7 +83,7 @@ MODES = {
                    r"a finite number, or None where the function does not apply"),
     "wrong_size": (["correctness_reward_func", "my_rewards:flaky"], rf"{NAME} returned 7 values for {BATCH}"),
     "no_function_applies": (["my_rewards:flaky"],
-                            r"no reward function applies to prompt 2 of the training stream \(\w+\), completion 0: "
+                            r"no reward function applies to prompt 0 of the training stream \(\w+\), completion 0: "
                             r"'my_rewards:flaky' all returned None for it; every completion needs a reward from at "
                             r"least one function"),
 }  # fmt: skip
@@ -120,7 +122,8 @@ def the_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def steps_logged(out: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = out / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
 
 
 @pytest.mark.slow
@@ -128,23 +131,24 @@ def steps_logged(out: Path) -> list[int]:
 def test_a_failing_reward_stops_with_a_checkpoint_and_one_line_then_resumes(tmp_path, mode):
     result, args = start(tmp_path, mode)
     out = tmp_path / "out"
+    done = 0 if mode == "no_function_applies" else 1  # steps done before the failure
     line = the_error_line(result)
     expected = (
-        rf"reward function error: step 2: {MODES[mode][1]}; saved {re.escape(str(out / 'checkpoint-1'))}; "
-        r"fix it and continue with --resume_from_checkpoint latest"
+        rf"reward function error: step {done + 1}: {MODES[mode][1]}; "
+        rf"saved {re.escape(str(out / f'checkpoint-{done}'))}; fix it and continue with --resume_from_checkpoint latest"
     )
     assert re.fullmatch(expected, line), line
-    # what was done is kept: step 1's metrics and a checkpoint of it, written by the failure (save_steps 100)
-    assert steps_logged(out) == [1]
-    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
-    assert state["step"] == 1 and state["data_position"] == 2  # the failed rollout's prompts are not used up
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    # what was done is kept: its metrics and a checkpoint of it, written by the failure (save_steps 100)
+    assert steps_logged(out) == list(range(1, done + 1))
+    state = json.loads((out / f"checkpoint-{done}" / "trainer_state.json").read_text())
+    assert state["step"] == done and state["data_position"] == 2 * done  # the failed prompts are not used up
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{done}"]
 
-    # the user fixes the function and resumes: step 2 is trained on the prompts that failed
+    # the user fixes the function and resumes: the failed step is trained on the prompts that failed
     (tmp_path / "my_rewards.py").write_text(FIXED_MODULE)
     resumed = run_train(tmp_path, *args, "--resume_from_checkpoint", "latest", FAILURE=mode)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "at step 1" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"at step {done}" in resumed.stdout
     assert steps_logged(out) == [1, 2]
     assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["data_position"] == 4
 
