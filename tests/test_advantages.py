@@ -241,7 +241,8 @@ def test_nan_std_and_weighted_sum_by_hand():
     assert nan_std(torch.tensor([1.0, NAN, 3.0])).item() == pytest.approx(math.sqrt(2))
     assert math.isnan(nan_std(torch.tensor([5.0, NAN])).item())
     torch.testing.assert_close(
-        nan_std(torch.tensor([[1.0, 2.0, 4.0], [NAN, 1.0, 1.0]]), dim=1), torch.tensor([math.sqrt(7 / 3), 0.0])
+        nan_std(torch.tensor([[1.0, 2.0, 4.0], [NAN, 1.0, 1.0]]), dim=1),
+        torch.tensor([math.sqrt(7 / 3), 0.0]),
     )
     totals = weighted_reward_sum(torch.tensor([[1.0, 2.0], [NAN, 2.0], [NAN, NAN]]), torch.tensor([1.0, 0.5]))
     assert totals[:2].tolist() == [2.0, 1.0] and math.isnan(totals[2].item())
