@@ -98,9 +98,11 @@ def score_completions(
     weights = [1.0] * len(funcs) if reward_weights is None else list(reward_weights)
     if len(weights) != len(funcs):
         raise ValueError(f"{len(weights)} reward weights for {len(funcs)} reward functions")
+    columns = {"answer": list(answers), "db_set": list(db_sets)}
     # All five always: accuracy and format rates must not depend on which rewards a run trained with.
-    _, per_func = combine_rewards(list(texts), {"answer": list(answers), "db_set": list(db_sets)})
-    total = sum(w * per_func[name] for name, w in zip(funcs, weights, strict=True))
+    total, per_func = combine_rewards(list(texts), columns)
+    if funcs != list(REWARD_FUNCS) or weights != [1.0] * len(funcs):  # the run's own rewards (a judge, ...)
+        total, _ = combine_rewards(list(texts), columns, funcs, weights)
     return [
         {
             "correctness": float(per_func["correctness_reward_func"][i]),

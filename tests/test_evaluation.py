@@ -27,6 +27,7 @@ from grpo.evaluation import (
     evaluate_rows,
     pass_at_k,
     pass_at_k_values,
+    score_completions,
     summarize,
 )
 from grpo.report import compare_reports, format_comparison, format_table, paired_accuracy_se
@@ -502,3 +503,18 @@ def test_cli_compares_base_and_adapter_end_to_end(trained_adapter, tmp_path):
     assert diff[("all", "mean length")] == pytest.approx(
         report["comparison"]["all"]["mean_completion_length"]["difference"], abs=0.051
     )
+
+
+def test_score_completions_with_a_users_reward_function(tmp_path, monkeypatch):
+    """A run that trains with a reward of its own (a judge, a user's module) is evaluated with it: the total is
+    its weighted sum, while correctness and the format rates stay the five built-ins' (they did KeyError)."""
+    (tmp_path / "eval_user_rewards.py").write_text(
+        "def length_bonus(completions, **kwargs):\n    return [0.01 * len(c) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = "<reasoning>\nr\n</reasoning>\n<answer>\nB\n</answer>\n"  # 41 characters
+    [scores] = score_completions(
+        [text], ["B"], ["med_mc"], ["correctness_reward_func", "eval_user_rewards:length_bonus"], [1.0, 2.0]
+    )
+    assert scores["correctness"] == 2.0 and scores["strict_format"] == 0.5 and scores["answer_type"] == 0.5
+    assert scores["reward"] == pytest.approx(2.0 + 2.0 * 0.01 * len(text))
