@@ -469,3 +469,52 @@ def test_compare_three_sides_on_tiny_models(tmp_path):
     top = max(set(gold), key=gold.count)
     assert base["sources"]["pubmedqa"]["majority_rate"] == gold.count(top) / len(gold)
     assert markdown.count("**B: instruct**") == 4 and "## Completions" in markdown  # 2 prompts x 2 sources
+
+
+# ---------------------------------------------------------------------------- the one command
+
+
+@pytest.mark.slow
+def test_the_one_command_runs_cold_start_training_and_the_comparison(tmp_path):
+    """scripts/real_model_cpu.sh end to end on the tiny random model and the shipped rows, small sizes; run twice,
+    the second run reuses the cold start and the finished training."""
+    config = tmp_path / "tiny-real.yaml"
+    config.write_text(
+        "\n".join(
+            [
+                f"model_name_or_path: {tmp_path / 'cold'}",
+                "load_in_4bit: true", "dtype: fp32", "sampler: hf", "lora_r: 4", "lora_alpha: 8",
+                f"pubmedqa_data_files: {PUBMEDQA_FILES}", f"gsm8k_data_files: {GSM8K_FILES}",
+                "dataset_mixture: [0.75, 0.25, 0.0]", "pubmedqa_max_context_chars: 1200",
+                "max_prompt_length: 2048", "max_completion_length: 8", "num_generations: 2",
+                "per_device_train_batch_size: 1", "max_steps: 2", "save_steps: 2", "eval_steps: 1", "eval_size: 2",
+                f"output_dir: {tmp_path / 'run'}",
+            ]
+        )
+        + "\n"
+    )  # fmt: skip
+    report_path = tmp_path / "report.json"
+    env = {
+        **os.environ,
+        "CONFIG": str(config),
+        "REPORT": str(report_path),
+        "BASE": "tiny-random-qwen2",
+        "COLD_START_ARGS": "--steps 2 --batch_size 2",
+        "EVAL_ARGS": "--limit 2 --show 1",
+    }
+    script = str(ROOT / "scripts" / "real_model_cpu.sh")
+    done = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=1800)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert [s["label"] for s in report["sides"]] == ["before", "cold-start", "cold-start+GRPO"]
+    cold = str(tmp_path / "cold")
+    assert [s["model"] for s in report["sides"]] == ["tiny-random-qwen2", cold, cold]
+    assert report["sides"][2]["adapter"] == str(tmp_path / "run" / "checkpoint-2")
+    assert {name: m["n_prompts"] for name, m in report["reports"][0]["sources"].items()} == {
+        "pubmedqa": 2,
+        "gsm8k": 2,
+    }
+    assert "## Against A (before)" in report_path.with_suffix(".md").read_text()
+    again = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=1800)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to do" in again.stdout and "training is done" in again.stdout
