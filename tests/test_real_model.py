@@ -518,3 +518,19 @@ def test_the_one_command_runs_cold_start_training_and_the_comparison(tmp_path):
     again = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=1800)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to do" in again.stdout and "training is done" in again.stdout
+
+
+def test_bench_vs_trl_takes_the_real_model_preset(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_vs_trl", ROOT / "scripts" / "bench_vs_trl.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args, _ = bench.parse_args(["--preset", "smollm2", "--steps", "4"])
+    assert args.config == "scripts/configs/smollm2-cpu.yaml" and (ROOT / args.config).is_file()
+    assert bench.parse_args([])[0].config == "scripts/configs/tiny-cpu.yaml"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--preset", "smollm2", "--config", "scripts/configs/tiny-cpu.yaml"])
+    overrides = ["--model_name_or_path", "outputs/no-such-cold-start"]
+    cfg = bench.bench_config(str(ROOT / args.config), overrides, 4, None, str(tmp_path / "run"))
+    bench.check_comparable(cfg)  # HF sampling, k3, the recipe's rewards: TRL can do the same work
+    with pytest.raises(SystemExit, match="make it first: python scripts/cold_start.py --config"):
+        bench.check_model(cfg, args.config)
