@@ -242,7 +242,7 @@ def load_sets(
 ) -> tuple[dict[str, list], dict[str, int]]:
     """``{source: rows}`` for --sources: prompts longer than max_prompt_length dropped, then --limit."""
     from data.eval_sets import evenly_spaced, load_eval_set
-    from data.prompts import filter_long_prompts
+    from data.prompts import filter_long_prompts, prompt_lengths
 
     sets, dropped = {}, {}
     for name in args.sources:
@@ -257,9 +257,21 @@ def load_sets(
             raise EvaluationError(
                 f"{name}: every prompt is longer than --max_prompt_length {config.max_prompt_length}"
             )
-        dataset = dataset.select(evenly_spaced(len(dataset), args.limit))
-        sets[name] = dataset.to_list()
+        rows = dataset.select(evenly_spaced(len(dataset), args.limit)).to_list()
+        sets[name] = shortest_first(rows, prompt_lengths([row["prompt"] for row in rows], tokenizer))
     return sets, dropped
+
+
+def shortest_first(rows: list, lengths: list[int]) -> list:
+    """The rows in order of prompt length (ties keep their order): a generate call then gets prompts of about
+    the same length, and pads little (HF generate pads every row to the longest; measured with SmolLM2 on
+    CPU, one padded batch generated at about half the speed of an unpadded one). ``index`` in the report is
+    the position in this order.
+
+    >>> shortest_first(["c", "a", "b", "a2"], [30, 10, 20, 10])
+    ['a', 'a2', 'b', 'c']
+    """
+    return [rows[i] for i in sorted(range(len(rows)), key=lambda i: lengths[i])]
 
 
 def data_files_of(name: str, args: argparse.Namespace, config: Any) -> Optional[str]:

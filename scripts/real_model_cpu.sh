@@ -8,12 +8,14 @@
 #    format, merged -> the config's model_name_or_path (outputs/smollm2-cold-start). Skipped when done.
 # 2. scripts/train.py: GRPO with scripts/configs/smollm2-cpu.yaml -> outputs/smollm2-cpu/checkpoint-<max_steps>.
 #    Skipped when that checkpoint exists; resumed from the latest checkpoint when a run was stopped.
-# 3. scripts/evaluate.py --compare: the three models, greedy, on the 500 official PubMedQA test questions and
-#    the 200 shipped GSM8K test questions -> outputs/smollm2-compare.json and .md (the table, a few completions).
+# 3. scripts/evaluate.py --compare: the three models, greedy, on the 500 official PubMedQA test questions (and,
+#    with EVAL_SOURCES="pubmedqa gsm8k", the 200 shipped GSM8K test questions) -> outputs/smollm2-compare.json
+#    and .md (the table, a few completions). Batches of 4 prompts, shortest first: HF generate pads a batch to
+#    its longest prompt and runs on until its longest completion ends, so small batches waste little.
 #
 # Extra arguments are config fields, given to all three steps (e.g. --max_steps 30). Environment variables:
 # CONFIG (another config), REPORT (another report path), BASE (another model to start from), COLD_START_ARGS and
-# EVAL_ARGS (options of cold_start.py and evaluate.py only).
+# EVAL_ARGS (options of cold_start.py and evaluate.py only), EVAL_SOURCES (the sources compared).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-scripts/configs/smollm2-cpu.yaml}
@@ -21,6 +23,7 @@ REPORT=${REPORT:-outputs/smollm2-compare.json}
 BASE=${BASE:-smollm2-135m-instruct}                # the model before the cold start
 COLD_START_ARGS=${COLD_START_ARGS:-}               # cold_start.py's own options, e.g. "--steps 40"
 EVAL_ARGS=${EVAL_ARGS:-}                           # evaluate.py's own options, e.g. "--limit 100"
+EVAL_SOURCES=${EVAL_SOURCES:-pubmedqa}             # "pubmedqa gsm8k" adds the 200 shipped GSM8K test questions
 
 field() {  # the value of a config field as the trainer reads it: the YAML, then the extra arguments
     local name=$1
@@ -47,6 +50,6 @@ fi
 
 echo "== 3/3 compare ($(date +%T))"
 # shellcheck disable=SC2086
-python scripts/evaluate.py --config "$CONFIG" "$@" --sources pubmedqa gsm8k --output "$REPORT" $EVAL_ARGS \
+python scripts/evaluate.py --config "$CONFIG" "$@" --sources $EVAL_SOURCES --batch_size 4 --output "$REPORT" $EVAL_ARGS \
     --compare "before=$BASE" cold-start=base "cold-start+GRPO=$final"
 echo "== done ($(date +%T)): $REPORT and ${REPORT%.json}.md"

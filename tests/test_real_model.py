@@ -326,7 +326,7 @@ def test_every_official_test_prompt_fits_the_real_config(smollm2_folder):
     from models.policy import load_tokenizer
 
     config = load_config(["--config", str(SMOLLM2_CONFIG)])
-    assert config.dataset_mixture == [0.75, 0.25, 0.0] and config.eval_steps > 0
+    assert config.dataset_mixture == [1.0, 0.0, 0.0] and config.eval_steps > 0
     tokenizer = load_tokenizer(smollm2_folder[0])
     lengths = prompt_lengths(pubmedqa.load("test", config.pubmedqa_data_files)["prompt"], tokenizer)
     assert len(lengths) == 500 and max(lengths) == 759 <= config.max_prompt_length  # none is left out
@@ -501,6 +501,7 @@ def test_the_one_command_runs_cold_start_training_and_the_comparison(tmp_path):
         "BASE": "tiny-random-qwen2",
         "COLD_START_ARGS": "--steps 2 --batch_size 2",
         "EVAL_ARGS": "--limit 2 --show 1",
+        "EVAL_SOURCES": "pubmedqa gsm8k",
     }
     script = str(ROOT / "scripts" / "real_model_cpu.sh")
     done = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=1800)
