@@ -4,7 +4,7 @@
     python scripts/evaluate.py --config scripts/configs/tiny-cpu.yaml --compare base outputs/tiny-cpu/checkpoint-250
     python scripts/evaluate.py --model Qwen/Qwen2.5-3B-Instruct --sources medqa medmcqa mmlu_medical --samples 4
     python scripts/evaluate.py --config scripts/configs/smollm2-cpu.yaml --sources pubmedqa gsm8k \
-        --compare base=smollm2-135m-instruct cold_start=base grpo=outputs/smollm2-cpu/checkpoint-60
+        --compare before=smollm2-135m-instruct cold-start=base cold-start+GRPO=outputs/smollm2-cpu/checkpoint-80
 
 Options of this script:
   --model NAME_OR_PATH   base model (default: the --config's model_name_or_path, else the adapter's base)
