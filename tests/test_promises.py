@@ -27,6 +27,7 @@ from tiny_run import tiny
 
 import grpo.trainer as trainer
 from grpo.config import load_config
+from grpo.evaluation import eval_subset
 from grpo.trainer import release_output_dir
 from models.samplers import Sampler
 from rewards.answer import correctness_reward_func
@@ -159,25 +160,26 @@ def finished(tmp_path_factory):
         "--log_completions", "true", "--logging_steps", "1", "--num_completions_to_print", "2",
         "--reward_funcs", "correctness_reward_func", "test_promises:words_reward",
     )  # fmt: skip
-    seen_norms = []  # the gradient norm the optimiser steps with
-    real_step = run.optimizer.step
+    seen_norms = []  # the gradient norm left for the optimiser, after the trainer's clip
+    real_clip = trainer.clip_gradients
 
-    def spying_step(*args, **kwargs):
-        grads = [p.grad.detach().flatten() for p in run.trainable_params if p.grad is not None]
-        seen_norms.append(torch.cat(grads).norm().item())
-        return real_step(*args, **kwargs)
+    def spying_clip(params, max_norm):
+        norm = real_clip(params, max_norm)
+        seen_norms.append(torch.cat([p.grad.detach().flatten() for p in params]).norm().item())
+        return norm
 
-    run.optimizer.step = spying_step
     printed = []  # what log_completions writes through the progress bar
     try:
         with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(trainer, "clip_gradients", spying_clip)
             patch.setattr(trainer.tqdm, "write", staticmethod(lambda s, *a, **k: printed.append(s)))
             trainer.fit(run)
     finally:
         release_output_dir(run.config.output_dir)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = run.train_data.rows(0, P * STEPS)
-    return out, records, rows, seen_norms, printed, run.tokenizer
+    eval_rows = eval_subset(run.config, run.tokenizer, size=1)
+    return out, records, rows, seen_norms, printed, run.tokenizer, eval_rows
 
 
 def expected_step_metrics(rows: list[dict], tokenizer) -> dict[str, float]:
@@ -212,7 +214,7 @@ def expected_step_metrics(rows: list[dict], tokenizer) -> dict[str, float]:
 
 
 def test_reward_and_length_metrics_have_the_values_of_their_definitions(finished):
-    _, records, rows, _, _, tokenizer = finished
+    _, records, rows, _, _, tokenizer, _ = finished
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     some_zero_std = some_partial = False
     for step, record in enumerate(records):
@@ -225,11 +227,13 @@ def test_reward_and_length_metrics_have_the_values_of_their_definitions(finished
 
 
 def test_learning_rate_follows_linear_warmup_then_cosine(finished):
-    _, records, _, _, _, _ = finished
+    _, records, _, _, _, _, _ = finished
     warmup = math.ceil(WARMUP_RATIO * STEPS)  # 2
     # the rate the step's update used (the schedule's value before its own step): s = 0, 1, 2, 3
     want = [
-        LR * s / warmup if s < warmup else LR * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (STEPS - warmup)))
+        LR * s / warmup
+        if s < warmup
+        else LR * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (STEPS - warmup)))
         for s in range(STEPS)
     ]
     assert want == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])  # worked by hand
@@ -237,7 +241,7 @@ def test_learning_rate_follows_linear_warmup_then_cosine(finished):
 
 
 def test_max_grad_norm_clips_what_the_optimiser_sees_and_logs_the_norm_before(finished):
-    _, records, _, seen_norms, _, _ = finished
+    _, records, _, seen_norms, _, _, _ = finished
     assert len(seen_norms) == STEPS
     for record, seen in zip(records, seen_norms, strict=True):
         assert record["grad_norm"] > 10 * MAX_GRAD_NORM  # logged: before clipping
@@ -245,12 +249,18 @@ def test_max_grad_norm_clips_what_the_optimiser_sees_and_logs_the_norm_before(fi
 
 
 def test_eval_metrics_appear_exactly_at_the_eval_steps(finished):
-    _, records, _, _, _, _ = finished
+    _, records, _, _, _, _, eval_rows = finished
     with_eval = [r["step"] for r in records if "eval/accuracy" in r]
     assert with_eval == [s for s in range(1, STEPS + 1) if s % EVAL_STEPS == 0] == [3]
     (record,) = [r for r in records if r["step"] == EVAL_STEPS]
-    # greedy eval with the same sampler: completion 0 ("<answer>yes</answer>") for every eval prompt
-    assert 0.0 <= record["eval/accuracy"] <= 1.0 and record["eval/truncated"] == 0.0
+    # greedy eval with the same sampler: one completion, TEXTS[0] = "<answer>yes</answer>", per eval prompt
+    correct = correctness_reward_func(
+        [TEXTS[0]] * len(eval_rows),
+        answer=[r["answer"] for r in eval_rows],
+        db_set=[r["db_set"] for r in eval_rows],
+    )
+    assert record["eval/accuracy"] == pytest.approx(sum(c == 2.0 for c in correct) / len(eval_rows))
+    assert record["eval/truncated"] == 0.0
 
 
 def test_save_total_limit_keeps_only_the_last_checkpoints(finished):
@@ -260,7 +270,7 @@ def test_save_total_limit_keeps_only_the_last_checkpoints(finished):
 
 
 def test_log_completions_prints_each_steps_first_completions(finished):
-    _, records, rows, _, printed, _ = finished
+    _, records, rows, _, printed, _, _ = finished
     assert len(printed) == STEPS * P  # num_completions_to_print 2 = both groups, every step (logging_steps 1)
     for i, line in enumerate(printed):
         step, row = i // P + 1, rows[i]
@@ -272,3 +282,44 @@ def test_log_completions_prints_each_steps_first_completions(finished):
         assert float(match[4]) == pytest.approx(correct + 1.0, abs=1e-3)  # + one word
         assert body == "yes" or body == TEXTS[0]
         assert end == "---"
+
+
+# ----------------------------------------------------------------------------- a stop in the middle of a rollout
+
+
+def test_a_stop_in_the_middle_of_a_rollout_resumes_with_a_fresh_rollout_and_the_entropy_state(tmp_path):
+    """steps_per_generation 2: one rollout of 2 x P prompts feeds 2 optimiser steps. Stopped by max_steps 3,
+    the run leaves step 4's half of the second rollout unused (docs/TRAINING.md): resumed to max_steps 4, step
+    4 trains on a fresh rollout from prompt 4 x P, and the adaptive entropy coefficient goes on from where
+    step 3 left it."""
+    common = [
+        "--steps_per_generation", "2", "--save_steps", "1", "--warmup_ratio", "0",
+        "--reward_funcs", "correctness_reward_func", "test_promises:words_reward",
+        # a target above any entropy of the tiny model: the coefficient rises by delta every step
+        "--use_adaptive_entropy", "true", "--entropy_target", "100", "--entropy_coef_delta", "0.25",
+        "--entropy_coef_max", "10",
+    ]  # fmt: skip
+    first = make_run(tmp_path, *common, "--max_steps", "3")
+    try:
+        trainer.fit(first)
+    finally:
+        release_output_dir(first.config.output_dir)
+    state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["data_position"] == 4 * P  # two whole rollouts sampled
+    assert state["entropy_coef"] == pytest.approx(3 * 0.25)
+
+    second = make_run(tmp_path, *common, "--max_steps", "4", "--resume_from_checkpoint", "latest")
+    try:
+        trainer.fit(second)
+    finally:
+        release_output_dir(second.config.output_dir)
+    assert second.state.step == 4 and second.state.data_position == 6 * P
+    assert second.state.entropy_coef == pytest.approx(4 * 0.25)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["entropy_coef"] for r in records] == pytest.approx([0.0, 0.25, 0.5, 0.75])  # the coef used
+    rows = first.train_data.rows(0, 6 * P)
+    # step 4 trained on the first half of the fresh rollout: prompts 4P .. 5P-1 (not 3P .. 4P-1, the unused half)
+    want = expected_step_metrics(rows[4 * P : 5 * P], first.tokenizer)
+    for key, value in want.items():
+        assert records[3][key] == pytest.approx(value, abs=1e-6), key
