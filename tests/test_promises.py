@@ -39,8 +39,6 @@ from grpo.trainer import release_output_dir
 from models.samplers import Sampler
 from rewards.answer import correctness_reward_func
 
-pytestmark = pytest.mark.slow
-
 G = 4
 P = 2  # prompts per step
 # one word each, so words_reward is the same for all and the spread comes from correctness alone: a GSM8K
@@ -97,6 +95,7 @@ def lora(run) -> list[torch.nn.Parameter]:
 # ----------------------------------------------------------------------------- single steps
 
 
+@pytest.mark.slow
 def test_an_update_that_leaves_a_non_finite_weight_is_put_back(tmp_path):
     run = make_run(tmp_path, "--max_steps", "4", "--reward_funcs", "test_promises:words_reward",
                    "--warmup_ratio", "0")  # fmt: skip
@@ -128,6 +127,7 @@ def test_an_update_that_leaves_a_non_finite_weight_is_put_back(tmp_path):
         release_output_dir(run.config.output_dir)
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_samples_again_when_no_group_has_a_signal(tmp_path):
     # round 1: four identical texts (every group's rewards equal); round 2: 1, 2, 3 and 4 words
     varied = ["a", "a b", "a b c", "a b c d"]
@@ -220,6 +220,7 @@ def expected_step_metrics(rows: list[dict], tokenizer) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 def test_reward_and_length_metrics_have_the_values_of_their_definitions(finished):
     _, records, rows, _, _, tokenizer, _ = finished
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
@@ -233,6 +234,7 @@ def test_reward_and_length_metrics_have_the_values_of_their_definitions(finished
     assert some_zero_std and some_partial  # the run exercised both kinds of group
 
 
+@pytest.mark.slow
 def test_learning_rate_follows_linear_warmup_then_cosine(finished):
     _, records, _, _, _, _, _ = finished
     warmup = math.ceil(WARMUP_RATIO * STEPS)  # 2
@@ -247,6 +249,7 @@ def test_learning_rate_follows_linear_warmup_then_cosine(finished):
     assert [r["learning_rate"] for r in records] == pytest.approx(want, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_max_grad_norm_clips_what_the_optimiser_sees_and_logs_the_norm_before(finished):
     _, records, _, seen_norms, _, _, _ = finished
     assert len(seen_norms) == STEPS
@@ -255,6 +258,7 @@ def test_max_grad_norm_clips_what_the_optimiser_sees_and_logs_the_norm_before(fi
         assert seen == pytest.approx(MAX_GRAD_NORM, rel=1e-3)  # stepped with: clipped
 
 
+@pytest.mark.slow
 def test_eval_metrics_appear_exactly_at_the_eval_steps(finished):
     _, records, _, _, _, _, eval_rows = finished
     with_eval = [r["step"] for r in records if "eval/accuracy" in r]
@@ -270,12 +274,14 @@ def test_eval_metrics_appear_exactly_at_the_eval_steps(finished):
     assert record["eval/truncated"] == 0.0
 
 
+@pytest.mark.slow
 def test_save_total_limit_keeps_only_the_last_checkpoints(finished):
     out = finished[0]
     kept = sorted(p.name for p in out.glob("checkpoint-*"))
     assert kept == [f"checkpoint-{s}" for s in range(STEPS - SAVE_TOTAL_LIMIT + 1, STEPS + 1)]
 
 
+@pytest.mark.slow
 def test_log_completions_prints_each_steps_first_completions(finished):
     _, records, rows, _, printed, _, _ = finished
     assert len(printed) == STEPS * P  # num_completions_to_print 2 = both groups, every step (logging_steps 1)
@@ -294,6 +300,7 @@ def test_log_completions_prints_each_steps_first_completions(finished):
 # ----------------------------------------------------------------------------- a stop in the middle of a rollout
 
 
+@pytest.mark.slow
 def test_a_stop_in_the_middle_of_a_rollout_resumes_with_a_fresh_rollout_and_the_entropy_state(tmp_path):
     """steps_per_generation 2: one rollout of 2 x P prompts feeds 2 optimiser steps. Stopped by max_steps 3,
     the run leaves step 4's half of the second rollout unused (docs/TRAINING.md): resumed to max_steps 4, step
