@@ -3,7 +3,7 @@
 The names follow TRL 1.16's, which users already know: ``reward``, ``reward_std``, ``rewards/<fn>/mean``
 and ``/std``, ``kl``, ``entropy``, ``clip_ratio/region_mean``, ``frac_reward_zero_std``,
 ``completions/mean_length``, ``learning_rate``, ``num_tokens``, ``sampling/*``; plus ``reward/<db_set>`` and
-``accuracy/<db_set>`` per data source, and the first names of this project that DESIGN.md promises
+``accuracy/<db_set>`` per data source, and the first names of this project that its users read (README)
 (``completion_length``, ``lr``, ``clip_ratio``).
 """
 
@@ -168,16 +168,17 @@ def reduce_sum(accelerator: Any, value: torch.Tensor) -> float:
     return float(value)
 
 
-def sampler_metrics(
-    batch: dict[str, Any], trainer_logp: torch.Tensor, cfg: Any, accelerator: Any
-) -> dict[str, float]:
+def sampler_metrics(batch: Any, trainer_logp: torch.Tensor, cfg: Any, accelerator: Any) -> dict[str, float]:
     """TRL's ``sampling/*`` metrics of the whole step (all processes): how far the sampler's log-probs are
-    from the trainer's for the same tokens, and the importance weights that follow."""
-    old_logp = batch.get("old_logp", trainer_logp)  # the policy that sampled, as the trainer computes it
-    mask = batch["completion_mask"]
+    from the trainer's for the same tokens, and the importance weights that follow. batch: a
+    ``grpo.rollout.StepBatch`` (old_logp, sampler_logp, completion_mask [n, T]); trainer_logp: [n, T]."""
+    old_logp = (
+        trainer_logp if batch.old_logp is None else batch.old_logp
+    )  # the policy that sampled (trainer's numbers)
+    mask = batch.completion_mask
     weights = sampler_importance_weights(
         old_logp,
-        batch["sampler_logp"],
+        batch.sampler_logp,
         mask,
         cfg.vllm_importance_sampling_mode,
         cfg.vllm_importance_sampling_clip_min,
@@ -185,7 +186,7 @@ def sampler_metrics(
     )
     if weights.shape[1] == 1:  # one weight per sequence: spread it over the tokens to gather like the rest
         weights = weights.expand_as(mask)
-    tensors = [old_logp, batch["sampler_logp"], mask, weights]
+    tensors = [old_logp, batch.sampler_logp, mask, weights]
     if accelerator.num_processes > 1:
         tensors = [accelerator.gather(accelerator.pad_across_processes(x, dim=1)) for x in tensors]
     old, sampled, mask, weights = tensors

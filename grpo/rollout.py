@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from grpo.advantages import informative_groups, weighted_reward_sum
 from grpo.config import GRPOConfig
@@ -152,18 +153,66 @@ def keep_informative(groups: list[Group], weights: torch.Tensor) -> tuple[list[G
     ]
 
 
+@dataclass
+class Rollout:
+    """What arrows 1-3 hand on: the rollout's groups (all processes', in stream order), where the training stream
+    continues, and the dynamic-sampling metrics (empty without dynamic sampling)."""
+
+    groups: list[Group]
+    next_position: int
+    metrics: dict[str, float]
+
+
+def sample_round(
+    sampler: Sampler, train_data: Any, cfg: GRPOConfig, accelerator: Any, positions: range, timer: Any = None
+) -> list[Group]:
+    """One round of sampling: this process generates G completions for its share of ``positions`` and scores
+    them; then every process holds every process's groups (``all_groups``). A reward function that fails on
+    any process stops every process with the same RewardFuncError."""
+    mine = process_share(positions, accelerator.process_index, accelerator.num_processes)
+    local, failure = [], None
+    if mine:
+        rows = train_data.rows(mine[0], len(mine))
+        with timer("generate") if timer else contextlib.nullcontext():
+            generated = generate_groups(sampler, rows, mine, cfg.num_generations, cfg.seed)
+        with timer("score") if timer else contextlib.nullcontext():
+            try:
+                rewards = score_groups(
+                    rows,
+                    generated,
+                    cfg.reward_funcs,
+                    positions=mine,
+                    num_workers=cfg.reward_num_workers,
+                    timeout=cfg.reward_timeout,
+                    max_completion_length=cfg.max_completion_length,
+                    soft_punish_cache=cfg.soft_punish_cache,
+                    **judge_settings(cfg),
+                )
+            except RewardFuncError as err:
+                failure = err
+        if failure is None:
+            for at, row, (ids, completions), table in zip(mine, rows, generated, rewards, strict=True):
+                local.append(Group(at, row, ids, completions, table))
+    raise_reward_failure(accelerator, failure)
+    return all_groups(accelerator, local)
+
+
 def sample_rollout(
     sampler: Sampler, train_data: Any, cfg: GRPOConfig, accelerator: Any, position: int, timer: Any = None
-) -> tuple[list[Group], int, dict[str, float]]:
-    """The rollout's groups (all processes', in stream order), the next stream position, and the
-    dynamic-sampling metrics. The rollout starts at ``position`` of the training stream ``train_data``.
-    timer: a ``grpo.metrics.PhaseTimer`` that gets the "generate" and "score" phases (None = untimed).
+) -> Rollout:
+    """Arrows 1-3: a batch of prompts from ``position`` of the training stream ``train_data`` -> G completions
+    each -> rewards. timer: a ``grpo.metrics.PhaseTimer`` that gets the "generate" and "score" phases.
 
     Without dynamic sampling: one round of ``rollout_prompts`` prompts. With it (DAPO), rounds of that many
     prompts until as many groups carry a signal (their rewards differ), at most ``max_sampling_rounds``;
     then the first informative groups, topped up with uninformative ones if the rounds ran out.
     """
     needed = rollout_prompts(cfg, accelerator.num_processes)
+    if not cfg.dynamic_sampling:
+        groups = sample_round(
+            sampler, train_data, cfg, accelerator, range(position, position + needed), timer
+        )
+        return Rollout(groups, position + needed, {})
     informative: list[Group] = []
     uninformative: list[Group] = []
     rounds = 0
@@ -171,35 +220,7 @@ def sample_rollout(
         rounds += 1
         positions = range(position, position + needed)
         position += needed
-        mine = process_share(positions, accelerator.process_index, accelerator.num_processes)
-        local = []
-        failure = None
-        if mine:
-            rows = train_data.rows(mine[0], len(mine))
-            with timer("generate") if timer else contextlib.nullcontext():
-                generated = generate_groups(sampler, rows, mine, cfg.num_generations, cfg.seed)
-            with timer("score") if timer else contextlib.nullcontext():
-                try:
-                    rewards = score_groups(
-                        rows,
-                        generated,
-                        cfg.reward_funcs,
-                        positions=mine,
-                        num_workers=cfg.reward_num_workers,
-                        timeout=cfg.reward_timeout,
-                        max_completion_length=cfg.max_completion_length,
-                        soft_punish_cache=cfg.soft_punish_cache,
-                        **judge_settings(cfg),
-                    )
-                except RewardFuncError as err:
-                    failure = err
-            if failure is None:
-                for at, row, (ids, completions), table in zip(mine, rows, generated, rewards, strict=True):
-                    local.append(Group(at, row, ids, completions, table))
-        raise_reward_failure(accelerator, failure)
-        groups = all_groups(accelerator, local)
-        if not cfg.dynamic_sampling:
-            return groups, position, {}
+        groups = sample_round(sampler, train_data, cfg, accelerator, positions, timer)
         kept, dropped = keep_informative(groups, reward_weights(cfg))
         informative += kept
         uninformative += dropped
@@ -208,7 +229,7 @@ def sample_rollout(
         "sampling/informative_groups": float(min(len(informative), needed)),
         "sampling/filler_groups": float(max(needed - len(informative), 0)),
     }
-    return (informative + uninformative)[:needed], position, metrics
+    return Rollout((informative + uninformative)[:needed], position, metrics)
 
 
 def judge_settings(cfg: GRPOConfig) -> dict[str, Any]:
@@ -236,39 +257,117 @@ def reward_weights(cfg: GRPOConfig) -> torch.Tensor:
     return torch.tensor(cfg.reward_weights or [1.0] * len(cfg.reward_funcs), dtype=torch.float32)
 
 
+def per_token(**kw: Any) -> Any:
+    """A StepBatch field of shape [n, T]: ``StepBatch.micro_batch`` cuts it to the micro-batch's columns."""
+    return field(metadata={"per_token": True}, **kw)
+
+
+@dataclass
+class StepBatch:
+    """This process's rows of one optimiser step: what the rollout (arrows 1-5) hands the update (arrow 6).
+
+    n = this process's completions (its groups x G, each group contiguous), P = the longest prompt,
+    T = the longest completion, L = P + T. The counts are the whole step's over all processes: the loss divides
+    by them, so the micro-batches' and processes' gradients add up to the whole batch's.
+    """
+
+    input_ids: Tensor  # [n, L] long: [left-padded prompt | right-padded completion]
+    attention_mask: Tensor  # [n, L] long: 1 on real prompt and completion tokens
+    completion_lengths: Tensor  # [n] long: tokens of each completion (EOS included)
+    completion_mask: Tensor = per_token()  # [n, T] float: 1 on real completion tokens (from the lengths)
+    loss_mask: Tensor = per_token()  # [n, T] float: completion_mask without truncated completions when masked
+    sampler_logp: Tensor = per_token()  # [n, T] float: the sampler's log-probs of its tokens (0 on padding)
+    advantages: Tensor = None  # [n] float: group-normalised advantages (arrow 4)
+    num_sequences: float = 0.0  # completions in the whole step, all processes
+    num_tokens: float = 0.0  # loss tokens (loss_mask) in the whole step, all processes
+    tokens_seen: int = 0  # prompt + completion tokens of the whole step (TRL's num_tokens)
+    metrics: dict[str, float] = field(
+        default_factory=dict
+    )  # the step's reward and length metrics, all processes
+    old_logp: Tensor | None = per_token(
+        default=None
+    )  # [n, T] the policy that sampled (arrow 5; None = current)
+    old_entropy: Tensor | None = per_token(default=None)  # [n, T] its token entropies (top_entropy_quantile)
+    ref_logp: Tensor | None = per_token(default=None)  # [n, T] the reference, adapter off (arrow 5, beta > 0)
+    entropy_mask: Tensor | None = per_token(default=None)  # [n, T] 1 on the high-entropy tokens that count
+
+    @property
+    def prompt_len(self) -> int:
+        """P: the prompt part's width in input_ids."""
+        return self.input_ids.shape[1] - self.completion_mask.shape[1]
+
+    def micro_batch(self, rows: slice) -> StepBatch:
+        """The rows of a micro-batch, without the padding columns that none of its rows uses.
+
+        Prompts are left-padded, completions right-padded, so the columns to drop are a prefix of the prompt part
+        and a suffix of the completion part. Example: completions of lengths 3 and 1 in a batch padded to T = 8
+        keep 3 completion columns. Counts and metrics stay the whole step's.
+        """
+        prompt_len = self.prompt_len
+        mask = self.attention_mask[rows]
+        first = int(mask[:, :prompt_len].any(dim=0).float().argmax()) if prompt_len else 0
+        longest = int(self.completion_lengths[rows].max().clamp(min=1))
+        cut = {
+            f.name: getattr(self, f.name)[rows, :longest]
+            for f in fields(self)
+            if f.metadata.get("per_token") and getattr(self, f.name) is not None
+        }
+        return replace(
+            self,
+            input_ids=self.input_ids[rows, first : prompt_len + longest],
+            attention_mask=mask[:, first : prompt_len + longest],
+            completion_lengths=self.completion_lengths[rows],
+            advantages=self.advantages[rows],
+            **cut,
+        )
+
+
 def step_batch(
     groups: list[Group], advantages: torch.Tensor, k: int, cfg: GRPOConfig, accelerator: Any, pad_id: int
-) -> dict[str, Any]:
+) -> StepBatch:
     """This process's part of optimiser step k of the rollout, as padded tensors on its device.
 
     Step k trains on the rollout's groups [k * B, (k + 1) * B), B = per_device_train_batch_size x
     gradient_accumulation_steps x processes, of which process r takes the r-th B / processes: exactly the rows
-    one process would take, whatever the number of processes. Also: the advantages [n], loss_mask [n, T], the
-    whole step's counts (the loss's normalisers), its sample metrics (over all processes' groups) and
-    ``tokens_seen`` (its prompt + completion tokens, TRL's num_tokens).
+    one process would take, whatever the number of processes. advantages: [R * G] of the whole rollout.
     """
     G = cfg.num_generations
     per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     per_step = per_process * accelerator.num_processes
     step_groups = groups[k * per_step : (k + 1) * per_step]
     first = k * per_step + accelerator.process_index * per_process
-    mine = groups[first : first + per_process]
-    batch: dict[str, Any] = {
-        key: value.to(accelerator.device) for key, value in collate_groups(mine, pad_id).items()
+    padded = {
+        key: value.to(accelerator.device)
+        for key, value in collate_groups(groups[first : first + per_process], pad_id).items()
     }
-    batch["advantages"] = advantages[first * G : (first + per_process) * G].to(accelerator.device)
-    batch["loss_mask"] = batch["completion_mask"]
+    loss_mask = padded["completion_mask"]
     if cfg.mask_truncated_completions:  # a cut-off completion has no honest reward: leave it out
-        batch["loss_mask"] = batch["loss_mask"] * (~batch["truncated"]).float()[:, None]
+        loss_mask = loss_mask * (~padded["truncated"]).float()[:, None]
     completions = [c for g in step_groups for c in g.completions]
     kept = [c for c in completions if not (cfg.mask_truncated_completions and c.truncated)]
-    batch["num_tokens"] = float(sum(len(c.token_ids) for c in kept))  # the whole step's, all processes
-    batch["num_sequences"] = float(len(completions))
-    rewards_per_func = torch.cat([g.rewards_per_func for g in step_groups])
-    # TRL counts each completion's prompt: G copies of the prompt per group
-    prompt_tokens = sum(len(g.prompt_ids) * G for g in step_groups)
-    batch["tokens_seen"] = prompt_tokens + sum(len(c.token_ids) for c in completions)
-    batch["metrics"] = {
+    return StepBatch(
+        input_ids=padded["input_ids"],
+        attention_mask=padded["attention_mask"],
+        completion_lengths=padded["completion_lengths"],
+        completion_mask=padded["completion_mask"],
+        loss_mask=loss_mask,
+        sampler_logp=padded["sampler_logp"],
+        advantages=advantages[first * G : (first + per_process) * G].to(accelerator.device),
+        num_sequences=float(len(completions)),
+        num_tokens=float(sum(len(c.token_ids) for c in kept)),
+        # TRL counts each completion's prompt: G copies of the prompt per group
+        tokens_seen=sum(len(g.prompt_ids) * G for g in step_groups)
+        + sum(len(c.token_ids) for c in completions),
+        metrics=step_metrics(step_groups, cfg),
+    )
+
+
+def step_metrics(step_groups: list[Group], cfg: GRPOConfig) -> dict[str, float]:
+    """The reward and length metrics of one optimiser step's groups (all processes')."""
+    G = cfg.num_generations
+    completions = [c for g in step_groups for c in g.completions]
+    rewards_per_func = torch.cat([g.rewards_per_func for g in step_groups])  # [n_step, K]
+    return {
         "num_completions": len(completions),
         **reward_metrics(
             weighted_reward_sum(rewards_per_func, reward_weights(cfg)),
@@ -283,7 +382,6 @@ def step_batch(
             torch.tensor([c.truncated for c in completions]),
         ),
     }
-    return batch
 
 
 def collate(

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from grpo.advantages import multi_objective_advantages
@@ -69,7 +70,15 @@ from grpo.metrics import (
 )
 from grpo.optim import clip_gradients, make_optimizer, make_scheduler, sum_gradients
 from grpo.plot import plot_metrics
-from grpo.rollout import optimizer_steps_per_rollout, reward_weights, sample_rollout, step_batch
+from grpo.rollout import (
+    Group,
+    Rollout,
+    StepBatch,
+    optimizer_steps_per_rollout,
+    reward_weights,
+    sample_rollout,
+    step_batch,
+)
 from grpo.run_folder import (
     check_output_dir,
     check_resume_config,
@@ -80,7 +89,7 @@ from grpo.run_folder import (
 )
 from grpo.signals import agreed_stop, stop_requests
 from grpo.validation import accelerate_dtype
-from models.forward import LogprobOptions, batch_logprobs, micro_batches, no_grad_logprobs, trim
+from models.forward import LogprobOptions, batch_logprobs, micro_batches
 from models.policy import autocast_dtype, reference_model
 from models.samplers import SamplerError
 from rewards import RewardFuncError
@@ -144,77 +153,109 @@ class Run:
 
 
 def grpo_step(run: Run) -> list[dict[str, Any]]:
-    """One iteration of GRPO on one rollout; returns one metrics record per optimiser step."""
-    cfg, state = run.config, run.state
+    """One iteration of GRPO (DeepSeekMath, Algorithm 1) on one rollout; one metrics record per optimiser step."""
     timer = PhaseTimer()
+    batches, rollout = prepare_step_batches(
+        run, timer
+    )  # arrows 1-5: the rollout, scored, advantages, log-probs
+    records = []
+    for iteration in range(run.config.num_iterations):  # 6. mu passes of policy updates over the rollout
+        for batch in batches:
+            if run.state.step < run.config.max_steps:
+                records.append({**train_on_batch(run, batch, iteration, timer), **rollout.metrics})
+    with timer("sync"):  # 7. hand the new adapter to the sampler
+        run.sampler.update_policy(run.accelerator.unwrap_model(run.model))
+    for record in records:
+        record.update(timer.seconds)
+    if records:
+        records[-1]["samples"] = [group_sample(g, reward_weights(run.config)) for g in rollout.groups]
+    return records
 
-    # 1-3. A batch of prompts -> G completions each from the current policy -> rewards. Every process
-    #      samples its share and then holds the whole rollout; dynamic sampling repeats this to fill it.
-    groups, state.data_position, sampling_metrics = sample_rollout(
-        run.sampler, run.train_data, cfg, run.accelerator, state.data_position, timer
+
+def prepare_step_batches(run: Run, timer: PhaseTimer | None = None) -> tuple[list[StepBatch], Rollout]:
+    """Arrows 1-5 of the step: the optimiser steps' batches of one rollout, ready for the update.
+
+    1-3. a batch of prompts -> G completions each from the current policy -> rewards (every process samples
+         its share, then holds the whole rollout);
+    4.   group-normalised advantages over the whole rollout of all processes;
+    5.   each step batch's old and reference log-probs, no grad.
+    Also moves the run's place in the training stream past the rollout's prompts.
+    """
+    cfg, timer = run.config, timer or PhaseTimer()
+    rollout = sample_rollout(
+        run.sampler, run.train_data, cfg, run.accelerator, run.state.data_position, timer
     )
+    run.state.data_position = rollout.next_position
+    advantages = rollout_advantages(rollout.groups, cfg)
+    batches = [
+        step_batch(rollout.groups, advantages, k, cfg, run.accelerator, run.tokenizer.pad_token_id)
+        for k in range(optimizer_steps_per_rollout(cfg))
+    ]
+    with timer("old_ref_logprobs"):
+        for batch in batches:
+            add_old_and_ref_logprobs(run, batch)
+    return batches, rollout
 
-    # 4. Group-normalised advantages, over the whole rollout of all processes.
+
+def rollout_advantages(groups: list[Group], cfg: GRPOConfig) -> torch.Tensor:
+    """Arrow 4: the advantages [R * G] of the whole rollout (all processes' groups, in stream order)."""
     rewards_per_func = torch.cat([g.rewards_per_func for g in groups])  # [R * G, K]
-    advantages = multi_objective_advantages(
+    return multi_objective_advantages(
         rewards_per_func,
         reward_weights(cfg),
         cfg.num_generations,
         cfg.multi_objective_aggregation,
         cfg.scale_rewards,
     )
-    pad_id = run.tokenizer.pad_token_id
-    batches = [
-        step_batch(groups, advantages, k, cfg, run.accelerator, pad_id)
-        for k in range(optimizer_steps_per_rollout(cfg))
-    ]
 
-    # 5. Old and reference log-probs, no grad. Without an old pass the sampling policy is the current one
-    #    and old_logp is logp.detach() inside the loss; the reference is the adapter switched off.
-    policy, options, micro_size = (
-        run.accelerator.unwrap_model(run.model),
-        logprob_options(cfg, run.accelerator.device),
-        micro_batch_size(cfg),
-    )
-    with timer("old_ref_logprobs"):
-        for batch in batches:
-            if needs_old_logprobs(cfg):
-                batch["old_logp"], batch["old_entropy"] = no_grad_logprobs(
-                    policy, batch, micro_size, options
-                )
-            if cfg.beta > 0:
-                with reference_model(policy):  # the adapter switched off: the base model
-                    batch["ref_logp"], _ = no_grad_logprobs(policy, batch, micro_size, options)
-            if cfg.top_entropy_quantile < 1.0:
-                batch["entropy_mask"] = top_entropy_mask(run, batch)
 
-    # 6. mu passes of policy updates over the rollout, one optimiser step per step batch.
-    records = []
-    for iteration in range(cfg.num_iterations):
-        for batch in batches:
-            if state.step >= cfg.max_steps:
-                break
-            with timer("policy_update"):
-                update, trainer_logp = policy_update(run, batch)
-            with timer("optimizer"):
-                update.update(optimizer_step(run, update["loss"]))
-            update_entropy_control(run, update.pop("entropy_effective"))
-            state.num_tokens += batch["tokens_seen"]
-            update["num_tokens"] = state.num_tokens
-            if iteration == 0:  # sampler vs trainer only means something before the policy has moved
-                update.update(sampler_metrics(batch, trainer_logp, cfg, run.accelerator))
-            records.append(
-                {"step": state.step, "iteration": iteration, **batch["metrics"], **sampling_metrics, **update}
+def add_old_and_ref_logprobs(run: Run, batch: StepBatch) -> None:
+    """Arrow 5: the log-probs [n, T] of the policy that sampled (when it will have moved by the time the batch is
+    trained on) and of the reference (the adapter switched off), no grad; and the high-entropy token mask."""
+    cfg = run.config
+    policy = run.accelerator.unwrap_model(run.model)
+    options = logprob_options(cfg, run.accelerator.device)
+    if needs_old_logprobs(cfg):  # else old_logp stays None: the loss takes logp.detach()
+        batch.old_logp, batch.old_entropy = no_grad_logprobs(policy, batch, micro_batch_size(cfg), options)
+    if cfg.beta > 0:
+        with reference_model(policy):  # the adapter switched off: the base model
+            batch.ref_logp, _ = no_grad_logprobs(policy, batch, micro_batch_size(cfg), options)
+    if cfg.top_entropy_quantile < 1.0:
+        batch.entropy_mask = top_entropy_mask(run, batch)
+
+
+def no_grad_logprobs(
+    model, batch: StepBatch, micro_size: int, options: LogprobOptions
+) -> tuple[Tensor, Tensor]:
+    """Log-probs and entropies [n, T] of a whole step batch, no grad, ``micro_size`` rows at a time, in eval mode
+    (no dropout, no activation checkpointing). Inside ``reference_model(model)`` these are the reference's."""
+    n, t = batch.completion_mask.shape
+    logp = torch.zeros(n, t, device=batch.input_ids.device)
+    entropy = torch.zeros_like(logp)
+    model.eval()
+    with torch.no_grad():
+        for rows in micro_batches(n, micro_size):
+            micro = batch.micro_batch(rows)
+            micro_logp, micro_entropy = batch_logprobs(
+                model, micro.input_ids, micro.attention_mask, micro.completion_mask, options
             )
+            logp[rows, : micro_logp.shape[1]] = micro_logp
+            entropy[rows, : micro_entropy.shape[1]] = micro_entropy
+    return logp, entropy
 
-    # 7. Hand the new adapter to the sampler.
-    with timer("sync"):
-        run.sampler.update_policy(run.accelerator.unwrap_model(run.model))
-    for record in records:
-        record.update(timer.seconds)
-    if records:
-        records[-1]["samples"] = [group_sample(g, reward_weights(cfg)) for g in groups]
-    return records
+
+def train_on_batch(run: Run, batch: StepBatch, iteration: int, timer: PhaseTimer) -> dict[str, Any]:
+    """Arrow 6, one optimiser step: the objective's gradient on the batch, then the optimiser; its metrics record."""
+    with timer("policy_update"):
+        update, trainer_logp = policy_update(run, batch)
+    with timer("optimizer"):
+        update.update(optimizer_step(run, update["loss"]))
+    update_entropy_control(run, update.pop("entropy_effective"))
+    run.state.num_tokens += batch.tokens_seen
+    update["num_tokens"] = run.state.num_tokens
+    if iteration == 0:  # sampler vs trainer only means something before the policy has moved
+        update.update(sampler_metrics(batch, trainer_logp, run.config, run.accelerator))
+    return {"step": run.state.step, "iteration": iteration, **batch.metrics, **update}
 
 
 def needs_old_logprobs(cfg: GRPOConfig) -> bool:
@@ -240,13 +281,12 @@ def micro_batch_size(cfg: GRPOConfig) -> int:
     return cfg.train_micro_batch_size or cfg.per_device_train_batch_size * cfg.num_generations
 
 
-def top_entropy_mask(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+def top_entropy_mask(run: Run, batch: StepBatch) -> torch.Tensor:
     """1.0 on the tokens whose entropy (under the policy that sampled) is in the top ``top_entropy_quantile``
     share of the whole step's tokens, all processes ("Beyond the 80/20 rule"). [n, T]"""
-    mask = batch["loss_mask"].bool()
-    values = gather_flat(run.accelerator, batch["old_entropy"][mask])
+    values = gather_flat(run.accelerator, batch.old_entropy[batch.loss_mask.bool()])
     threshold = entropy_threshold(values, run.config.top_entropy_quantile)
-    return high_entropy_mask(batch["old_entropy"], batch["loss_mask"], threshold).float()
+    return high_entropy_mask(batch.old_entropy, batch.loss_mask, threshold).float()
 
 
 # ---------------------------------------------------------------------------- the update
@@ -261,31 +301,32 @@ def entropy_coef_now(run: Run) -> float:
 
 
 def sampling_corrections(
-    run: Run, micro: dict[str, Any], logp: torch.Tensor, old_logp: torch.Tensor
+    run: Run, micro: StepBatch, logp: torch.Tensor
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(is_weights, off_policy_mask) of a micro-batch, each None when off: TRL's importance weights of the
-    policy that sampled (old_logp) over the sampler (vLLM only), and DeepSeek-V3.2's off-policy sequence mask
-    of the current policy (logp, detached) against the policy that sampled."""
+    policy that sampled over the sampler (vLLM only), and DeepSeek-V3.2's off-policy sequence mask of the
+    current policy (logp [n, T], detached) against the policy that sampled."""
     cfg = run.config
+    old_logp = logp if micro.old_logp is None else micro.old_logp  # None: the current policy sampled
     is_weights = off_policy_mask = None
     if run.sampler_corrected:
         is_weights = sampler_importance_weights(
             old_logp,
-            micro["sampler_logp"],
-            micro["completion_mask"],
+            micro.sampler_logp,
+            micro.completion_mask,
             cfg.vllm_importance_sampling_mode,
             cfg.vllm_importance_sampling_clip_min,
             cfg.effective_clip_max,
         )
     if cfg.off_policy_mask_threshold is not None:  # against the sampler's numbers when they differ (vLLM)
-        behaviour = micro["sampler_logp"] if run.sampler.name == "vllm" else old_logp
+        behaviour = micro.sampler_logp if run.sampler.name == "vllm" else old_logp
         off_policy_mask = off_policy_sequence_mask(
-            logp, behaviour, micro["advantages"], micro["loss_mask"], cfg.off_policy_mask_threshold
+            logp, behaviour, micro.advantages, micro.loss_mask, cfg.off_policy_mask_threshold
         )
     return is_weights, off_policy_mask
 
 
-def policy_update(run: Run, batch: dict[str, Any]) -> tuple[dict[str, float], torch.Tensor]:
+def policy_update(run: Run, batch: StepBatch) -> tuple[dict[str, float], torch.Tensor]:
     """The gradient of the GRPO objective on this step's batch, accumulated micro-batch by micro-batch.
 
     Each micro-batch's loss is normalised by the whole step's counts (all processes), so the gradients summed
@@ -293,48 +334,42 @@ def policy_update(run: Run, batch: dict[str, Any]) -> tuple[dict[str, float], to
     loss metrics (whole batch) and this process's detached log-probs [n, T].
     """
     cfg, accelerator = run.config, run.accelerator
-    n, t = batch["completion_mask"].shape
-    prompt_len = batch["input_ids"].shape[1] - t
     entropy_coef = entropy_coef_now(run)
-    bonus_grad = entropy_coef > 0
-    num_entropy_tokens = None
-    if "entropy_mask" in batch:
-        num_entropy_tokens = reduce_sum(accelerator, (batch["loss_mask"] * batch["entropy_mask"]).sum())
+    num_entropy_tokens = None  # the bonus averages over the kept tokens of the whole step
+    if batch.entropy_mask is not None:
+        num_entropy_tokens = reduce_sum(accelerator, (batch.loss_mask * batch.entropy_mask).sum())
+    counts = Counts(batch.num_sequences, batch.num_tokens, num_entropy_tokens)
+    options = logprob_options(cfg, accelerator.device, entropy_grad=entropy_coef > 0)
     sums: dict[str, float] = {}
-    trainer_logp = torch.zeros_like(batch["completion_mask"])
-    options = logprob_options(cfg, accelerator.device, entropy_grad=bonus_grad)
-    run.model.train()  # dropout as configured and, above all, activation checkpointing: HF only checkpoints in train mode
-    for rows in micro_batches(n, micro_batch_size(cfg)):
-        micro = trim(batch, rows, prompt_len)
-        logp, entropy = batch_logprobs(run.model, micro, options)
-        old_logp = micro.get("old_logp")  # None: the policy that sampled is the current one (logp.detach())
-        current = logp.detach()
-        is_weights, off_policy_mask = sampling_corrections(
-            run, micro, current, current if old_logp is None else old_logp
+    trainer_logp = torch.zeros_like(batch.completion_mask)
+    run.model.train()  # dropout as configured and, above all, activation checkpointing (HF: train mode only)
+    for rows in micro_batches(batch.completion_mask.shape[0], micro_batch_size(cfg)):
+        micro = batch.micro_batch(rows)
+        logp, entropy = batch_logprobs(
+            run.model, micro.input_ids, micro.attention_mask, micro.completion_mask, options
         )
+        is_weights, off_policy_mask = sampling_corrections(run, micro, logp.detach())
+        corrections = Corrections(is_weights, off_policy_mask, micro.entropy_mask, entropy, entropy_coef)
         loss, metrics = policy_loss(
-            logp,
-            old_logp,
-            micro.get("ref_logp"),
-            micro["advantages"],
-            micro["loss_mask"],
-            cfg.loss_settings(),
-            Corrections(is_weights, off_policy_mask, micro.get("entropy_mask"), entropy, entropy_coef),
-            Counts(batch["num_sequences"], batch["num_tokens"], num_entropy_tokens),
-        )
+            logp, micro.old_logp, micro.ref_logp, micro.advantages, micro.loss_mask,
+            cfg.loss_settings(), corrections, counts,
+        )  # fmt: skip
         # the gradient itself: accelerator.backward would scale it under an fp16 accelerate config, and
         # nothing here unscales (accelerate_dtype refuses fp16 at setup)
         loss.backward()
         add_metric_sums(sums, loss, metrics, cfg.importance_sampling_level)
-        effective = micro["loss_mask"] * micro.get("entropy_mask", 1.0)
-        sums["entropy_effective"] = (
-            sums.get("entropy_effective", 0.0) + (entropy.detach() * effective).sum().item()
-        )
-        sums["entropy_effective/count"] = sums.get("entropy_effective/count", 0.0) + effective.sum().item()
+        add_entropy_sums(sums, entropy, micro)
         trainer_logp[rows, : logp.shape[1]] = logp.detach()
     metrics = metric_means(accelerator, sums)
     metrics.update(clip_ratio=metrics["clip_ratio/region_mean"], entropy_coef=entropy_coef)
     return metrics, trainer_logp
+
+
+def add_entropy_sums(sums: dict[str, float], entropy: torch.Tensor, micro: StepBatch) -> None:
+    """Accumulate the entropy of the tokens the loss keeps, for the adaptive entropy control's step mean."""
+    kept = micro.loss_mask if micro.entropy_mask is None else micro.loss_mask * micro.entropy_mask
+    sums["entropy_effective"] = sums.get("entropy_effective", 0.0) + (entropy.detach() * kept).sum().item()
+    sums["entropy_effective/count"] = sums.get("entropy_effective/count", 0.0) + kept.sum().item()
 
 
 def optimizer_step(run: Run, loss: float) -> dict[str, float]:
@@ -466,105 +501,160 @@ def train(cfg: GRPOConfig) -> Path:
 
 def fit(run: Run) -> Path:
     """The outer loop: resume if asked, GRPO steps, metrics, checkpoints, and the plot at the end."""
-    cfg, accelerator, state = run.config, run.accelerator, run.state
-    output_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        for stale in remove_incomplete_checkpoints(output_dir):
-            print(f"removed {stale}: a save that was interrupted")
-    accelerator.wait_for_everyone()
-    if run.resume_from is not None:
-        policy = accelerator.unwrap_model(run.model)
-        saved = load_checkpoint(run.resume_from, policy, run.optimizer, run.scheduler, accelerator)
-        run.state = state = TrainerState(
-            **{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved}
-        )
-        run.sampler.update_policy(policy)
-        accelerator.print(f"resumed from {run.resume_from} at step {state.step}")
+    cfg, accelerator = run.config, run.accelerator
+    resume(run)
+    saver = Saver(run, last_saved=run.state.step)
     logger = None
     if accelerator.is_main_process:
-        logger = MetricsLogger(output_dir, cfg.report_to, state.step, cfg.logging_steps, cfg.to_dict())
-    last_saved = state.step
-
-    def checkpoint() -> Path:
-        nonlocal last_saved
-        last_saved = state.step
-        trainer_state = {**vars(state), "config": cfg.to_dict()}
-        path = save_checkpoint(
-            output_dir, state.step, run.model, run.optimizer, run.scheduler, trainer_state, accelerator
+        logger = MetricsLogger(
+            saver.output_dir, cfg.report_to, run.state.step, cfg.logging_steps, cfg.to_dict()
         )
-        if accelerator.is_main_process:
-            rotate_checkpoints(output_dir, cfg.save_total_limit, keep=path)
-        accelerator.wait_for_everyone()
-        return path
-
     # a small fixed evaluation subset, scored greedily every eval_steps (the same on every process)
     eval_rows = eval_subset(cfg, run.tokenizer, size=cfg.eval_size) if cfg.eval_steps else []
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="GRPO", disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=cfg.max_steps, initial=run.state.step, desc="GRPO", disable=not accelerator.is_main_process
+    )
     stopped_by = None
     try:
         with stop_requests() as requested:
-            while state.step < cfg.max_steps:
+            while run.state.step < cfg.max_steps:
                 started = time.perf_counter()
-                try:
-                    records = grpo_step(run)
-                except TrainingError:
-                    checkpoint()
-                    raise
-                except SamplerError as err:  # e.g. its vLLM server is down: keep what is done, say how to go on
-                    if state.step != last_saved:
-                        checkpoint()
-                    then = (
-                        f"saved {output_dir / f'checkpoint-{last_saved}'}; continue with --resume_from_checkpoint latest"
-                        if state.step
-                        else "nothing trained yet: start again"
-                    )
-                    raise SamplerError(f"step {state.step + 1}: {err}; {then} once it answers") from err
-                except RewardFuncError as err:  # a reward function failed: keep what is done, say where
-                    saved = checkpoint()
-                    raise RewardFuncError(
-                        f"step {state.step + 1}: {err}; saved {saved}; fix it and continue with "
-                        "--resume_from_checkpoint latest",
-                        row=err.row,
-                    ) from err
-                crossed_eval = (
-                    eval_rows and state.step // cfg.eval_steps > (state.step - len(records)) // cfg.eval_steps
-                )
-                if crossed_eval:
+                records = step_or_save(run, saver)
+                if eval_rows and crossed(run.state.step, len(records), cfg.eval_steps):
                     records[-1].update(
                         evaluate_rows(run.sampler, eval_rows, cfg.seed, cfg.reward_funcs, cfg.reward_weights)
                     )
-                for record in records:
-                    record["step_time"] = (time.perf_counter() - started) / len(records)
-                    samples = record.pop("samples", None)
-                    if logger is not None:
-                        logger.log(record)
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}")
-                    if record["step"] % cfg.logging_steps == 0:
-                        if cfg.log_completions and samples:
-                            for sample in samples[: cfg.num_completions_to_print or 1]:
-                                bar.write(format_sample(record["step"], sample))
+                log_records(run, records, time.perf_counter() - started, logger, bar)
                 # save between rollouts (nothing half-used needs saving), when a step crossed save_steps
-                if state.step // cfg.save_steps > last_saved // cfg.save_steps or state.step >= cfg.max_steps:
-                    checkpoint()
+                if crossed(run.state.step, run.state.step - saver.last_saved, cfg.save_steps) or (
+                    run.state.step >= cfg.max_steps
+                ):
+                    saver.save()
                 stopped_by = agreed_stop(accelerator, requested)
                 if stopped_by is not None:
-                    if state.step != last_saved:
-                        checkpoint()
+                    saver.save_if_new()
                     break
     finally:
         bar.close()
         if logger is not None:
             logger.close()
-    final = output_dir / f"checkpoint-{last_saved}"
+    return finish(run, saver, stopped_by)
+
+
+def resume(run: Run) -> None:
+    """Remove a checkpoint whose save was interrupted, then restore ``run.resume_from`` when there is one:
+    weights, optimiser, schedule, the trainer state, and the sampler's copy of the adapter."""
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        for stale in remove_incomplete_checkpoints(Path(run.config.output_dir)):
+            print(f"removed {stale}: a save that was interrupted")
+    accelerator.wait_for_everyone()
+    if run.resume_from is None:
+        return
+    policy = accelerator.unwrap_model(run.model)
+    saved = load_checkpoint(run.resume_from, policy, run.optimizer, run.scheduler, accelerator)
+    run.state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
+    run.sampler.update_policy(policy)
+    accelerator.print(f"resumed from {run.resume_from} at step {run.state.step}")
+
+
+def crossed(step: int, steps_done: int, every: int) -> bool:
+    """Whether the last ``steps_done`` steps, ending at ``step``, crossed a multiple of ``every``.
+
+    Example: step 12 after 4 steps, every 10 -> True (10 is in 9..12); step 8 after 4 -> False.
+    """
+    return step // every > (step - steps_done) // every
+
+
+@dataclass
+class Saver:
+    """The run's checkpoints: writes one (then rotates old ones), and remembers the step of the last."""
+
+    run: Run
+    last_saved: int
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.config.output_dir)
+
+    @property
+    def latest(self) -> Path:
+        return self.output_dir / f"checkpoint-{self.last_saved}"
+
+    def save(self) -> Path:
+        run, accelerator = self.run, self.run.accelerator
+        self.last_saved = run.state.step
+        trainer_state = {**vars(run.state), "config": run.config.to_dict()}
+        path = save_checkpoint(
+            self.output_dir,
+            run.state.step,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            trainer_state,
+            accelerator,
+        )
+        if accelerator.is_main_process:
+            rotate_checkpoints(self.output_dir, run.config.save_total_limit, keep=path)
+        accelerator.wait_for_everyone()
+        return path
+
+    def save_if_new(self) -> Path:
+        """A checkpoint of the current step unless the last one is of it already."""
+        return self.save() if self.run.state.step != self.last_saved else self.latest
+
+
+def step_or_save(run: Run, saver: Saver) -> list[dict[str, Any]]:
+    """``grpo_step``, or, when it cannot go on, a checkpoint of what is done and one error saying how to go on:
+    several non-finite updates in a row, a sampler that stopped answering, a reward function that failed."""
+    try:
+        return grpo_step(run)
+    except TrainingError:
+        saver.save()
+        raise
+    except SamplerError as err:  # e.g. its vLLM server is down: keep what is done, say how to go on
+        saver.save_if_new()
+        then = (
+            f"saved {saver.latest}; continue with --resume_from_checkpoint latest"
+            if run.state.step
+            else "nothing trained yet: start again"
+        )
+        raise SamplerError(f"step {run.state.step + 1}: {err}; {then} once it answers") from err
+    except RewardFuncError as err:  # a reward function failed: keep what is done, say where
+        saved = saver.save()
+        raise RewardFuncError(
+            f"step {run.state.step + 1}: {err}; saved {saved}; fix it and continue with --resume_from_checkpoint latest",
+            row=err.row,
+        ) from err
+
+
+def log_records(run: Run, records: list[dict[str, Any]], seconds: float, logger: Any, bar: Any) -> None:
+    """One metrics line per optimiser step (main process), the progress bar, and the sampled completions."""
+    cfg = run.config
+    for record in records:
+        record["step_time"] = seconds / len(records)
+        samples = record.pop("samples", None)
+        if logger is not None:
+            logger.log(record)
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}")
+        if record["step"] % cfg.logging_steps == 0 and cfg.log_completions and samples:
+            for sample in samples[: cfg.num_completions_to_print or 1]:
+                bar.write(format_sample(record["step"], sample))
+
+
+def finish(run: Run, saver: Saver, stopped_by: str | None) -> Path:
+    """The plot, then every process leaves together; a stop asked for by a signal ends as TrainingInterrupted."""
+    accelerator, output_dir = run.accelerator, saver.output_dir
     if accelerator.is_main_process:
         plot = plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
-        print(f"adapter: {final}\nmetrics: {output_dir / 'metrics.jsonl'}\nplot:    {plot}")
+        print(f"adapter: {saver.latest}\nmetrics: {output_dir / 'metrics.jsonl'}\nplot:    {plot}")
     accelerator.wait_for_everyone()  # leave together (the main process was plotting): no process samples now,
     run.sampler.close()  # so the node's shared copy of the base can go with the first process's sampler
     accelerator.end_training()  # close trackers and destroy the process group before the interpreter exits
     if stopped_by is not None:
         raise TrainingInterrupted(
-            f"{stopped_by} at step {state.step}: saved {final}; continue with --resume_from_checkpoint latest"
+            f"{stopped_by} at step {run.state.step}: saved {saver.latest}; "
+            "continue with --resume_from_checkpoint latest"
         )
-    return final
+    return saver.latest

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -81,8 +80,8 @@ def decoder_autocast(device: torch.device | str, compute_dtype: torch.dtype | No
     return torch.autocast(torch.device(device).type, dtype=compute_dtype)
 
 
-def _unwrap(model):
-    """The ``*ForCausalLM`` inside a PeftModel (or the model itself)."""
+def causal_lm(model):
+    """The ``*ForCausalLM`` inside a PeftModel (or the model itself, when it has no adapter)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -92,13 +91,13 @@ def decoder_body(model):
     LoRA layers are injected into its modules, so calling it still applies the adapter (and
     ``disable_adapter`` still switches it off).
     """
-    causal_lm = _unwrap(model)
-    return getattr(causal_lm, causal_lm.base_model_prefix)
+    inner = causal_lm(model)
+    return getattr(inner, inner.base_model_prefix)
 
 
 def lm_head_weight(model) -> Tensor:
     """The output projection weight [V, H] (tied to the input embedding in Qwen2.5-3B)."""
-    head = _unwrap(model).get_output_embeddings()
+    head = causal_lm(model).get_output_embeddings()
     weight = head.weight
     if getattr(head, "bias", None) is not None:
         raise ValueError("lm_head has a bias; the hidden-state log-prob path assumes logits = hidden @ W.T")
@@ -245,49 +244,20 @@ def check_row_layout(input_ids: Tensor, attention_mask: Tensor, completion_mask:
 
 # ---------------------------------------------------------------------------- a batch, micro-batch by micro-batch
 
-# The [N, T] tensors of a trainer batch that go with the completion tokens (trimmed with them).
-PER_TOKEN = (
-    "completion_mask",
-    "loss_mask",
-    "sampler_logp",
-    "old_logp",
-    "ref_logp",
-    "old_entropy",
-    "entropy_mask",
-)
-
 
 def micro_batches(n: int, size: int) -> list[slice]:
     """Slices of the N completions, ``size`` at a time (the last may be shorter). Example: 5, 2 -> 0:2, 2:4, 4:5."""
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def trim(batch: dict[str, Any], rows: slice, prompt_len: int) -> dict[str, Any]:
-    """The rows of a micro-batch, without the padding columns that none of its rows uses.
-
-    Prompts are left-padded, completions right-padded, so the columns to drop are a prefix of the
-    prompt part and a suffix of the completion part. Example: completions of lengths 3 and 1 in a
-    batch padded to T = 8 keep 3 completion columns.
-    """
-    mask = batch["attention_mask"][rows]
-    first = int(mask[:, :prompt_len].any(dim=0).float().argmax()) if prompt_len else 0
-    longest = int(batch["completion_lengths"][rows].max().clamp(min=1))
-    out = {
-        "input_ids": batch["input_ids"][rows, first : prompt_len + longest],
-        "attention_mask": mask[:, first : prompt_len + longest],
-    }
-    for key in PER_TOKEN:
-        if key in batch:
-            out[key] = batch[key][rows, :longest]
-    if "advantages" in batch:
-        out["advantages"] = batch["advantages"][rows]
-    return out
-
-
 def batch_logprobs(
-    model, micro: dict[str, Tensor], options: LogprobOptions = LogprobOptions()
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    options: LogprobOptions = LogprobOptions(),
 ) -> tuple[Tensor, Tensor]:
-    """log-probs and entropies [n, t] of a (trimmed) micro-batch under the model as it is now.
+    """log-probs and entropies [n, T] of a (micro-)batch of rows (layout above) under the model as it is now.
 
     options.share_prompt: each prompt runs once per group (``models.packing.shared_prompt_logprobs``), else once
     per row (``completion_logprobs``): the same numbers either way. options.entropy_grad: the entropy carries a
@@ -296,31 +266,4 @@ def batch_logprobs(
     from models.packing import shared_prompt_logprobs  # packing builds on this module
 
     logprobs = shared_prompt_logprobs if options.share_prompt else completion_logprobs
-    return logprobs(
-        model,
-        micro["input_ids"],
-        micro["attention_mask"],
-        micro["completion_mask"],
-        options,
-        return_entropy=True,
-    )
-
-
-def no_grad_logprobs(
-    model, batch: dict[str, Tensor], micro_batch_size: int, options: LogprobOptions = LogprobOptions()
-) -> tuple[Tensor, Tensor]:
-    """Log-probs and entropies [N, T] of a whole batch, no grad, ``micro_batch_size`` rows at a time, in eval
-    mode (no dropout, no activation checkpointing). Inside ``models.policy.reference_model(model)`` these are
-    the reference's. options: as for ``batch_logprobs``.
-    """
-    n, t = batch["completion_mask"].shape
-    prompt_len = batch["input_ids"].shape[1] - t
-    logp = torch.zeros(n, t, device=batch["input_ids"].device)
-    entropy = torch.zeros_like(logp)
-    model.eval()
-    with torch.no_grad():
-        for rows in micro_batches(n, micro_batch_size):
-            micro_logp, micro_entropy = batch_logprobs(model, trim(batch, rows, prompt_len), options)
-            logp[rows, : micro_logp.shape[1]] = micro_logp
-            entropy[rows, : micro_entropy.shape[1]] = micro_entropy
-    return logp, entropy
+    return logprobs(model, input_ids, attention_mask, completion_mask, options, return_entropy=True)

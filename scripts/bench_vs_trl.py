@@ -628,16 +628,17 @@ def perturb_lora_b(model: Any, seed: int, scale: float) -> None:
                 param.copy_(noise.to(param.device, param.dtype))
 
 
-def trl_loss_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The inputs of TRL's ``_compute_loss`` for our step batch: the same left-padded prompts and
-    right-padded completions [N, Lp] / [N, T], the advantages [N] and TRL's token count."""
+def trl_loss_inputs(batch: Any) -> dict[str, Any]:
+    """The inputs of TRL's ``_compute_loss`` for our step batch (a ``grpo.rollout.StepBatch``): the same
+    left-padded prompts and right-padded completions [N, Lp] / [N, T], the advantages [N] and TRL's token count."""
+    p = batch.prompt_len
     return {
-        "prompt_ids": batch["prompt_ids"],
-        "prompt_mask": batch["prompt_mask"],
-        "completion_ids": batch["completion_ids"],
-        "completion_mask": batch["completion_mask"].long(),
-        "advantages": batch["advantages"],
-        "num_items_in_batch": batch["completion_mask"].sum(),
+        "prompt_ids": batch.input_ids[:, :p],
+        "prompt_mask": batch.attention_mask[:, :p],
+        "completion_ids": batch.input_ids[:, p:],
+        "completion_mask": batch.completion_mask.long(),
+        "advantages": batch.advantages,
+        "num_items_in_batch": batch.completion_mask.sum(),
     }
 
 
@@ -645,28 +646,26 @@ def same_batch(cfg: GRPOConfig) -> dict[str, Any]:
     """Our loss and gradient against TRL's on one identical batch (see the module docstring)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from grpo.advantages import multi_objective_advantages
-    from grpo.rollout import reward_weights, sample_rollout, step_batch
-    from grpo.trainer import logprob_options, micro_batch_size, policy_update, setup
-    from models.forward import no_grad_logprobs
-    from models.policy import reference_model
+    from grpo.trainer import (
+        logprob_options,
+        micro_batch_size,
+        no_grad_logprobs,
+        policy_update,
+        prepare_step_batches,
+        setup,
+    )
 
     run = setup(cfg)
     policy = run.accelerator.unwrap_model(run.model)
     ours_initial = adapter_state(policy)
     perturb_lora_b(policy, cfg.seed, LORA_B_PERTURBATION)
 
-    # one rollout, scored and normalised by ours; the reference log-probs of ours
+    # one rollout, scored and normalised by ours, with the reference log-probs of ours (arrows 1-5 of our step)
     G = cfg.num_generations
-    groups, _, _ = sample_rollout(run.sampler, run.train_data, cfg, run.accelerator, 0)
+    [batch], rollout = prepare_step_batches(run)
+    groups = rollout.groups
     rewards_per_func = torch.cat([g.rewards_per_func for g in groups])
-    advantages = multi_objective_advantages(
-        rewards_per_func, reward_weights(cfg), G, cfg.multi_objective_aggregation, cfg.scale_rewards
-    )
-    batch = step_batch(groups, advantages, 0, cfg, run.accelerator, run.tokenizer.pad_token_id)
     options = logprob_options(cfg, run.accelerator.device)
-    with reference_model(policy):
-        batch["ref_logp"], _ = no_grad_logprobs(policy, batch, micro_batch_size(cfg), options)
     current_logp, _ = no_grad_logprobs(policy, batch, micro_batch_size(cfg), options)
 
     # TRL on the same rows, with our (perturbed) adapter
@@ -694,7 +693,7 @@ def same_batch(cfg: GRPOConfig) -> dict[str, Any]:
     )
 
     # TRL's inputs for _compute_loss: the same padded tensors, and TRL's own reference pass
-    mask = batch["completion_mask"]
+    mask = batch.completion_mask
     inputs = trl_loss_inputs(batch)
     with torch.no_grad(), trl_model.disable_adapter():
         trl_ref, _, _ = trainer._get_per_token_logps_and_entropies(
@@ -714,7 +713,7 @@ def same_batch(cfg: GRPOConfig) -> dict[str, Any]:
         for model in (policy, trl_model):
             model.zero_grad(set_to_none=True)
         if old_logp is not None:
-            batch["old_logp"] = old_logp
+            batch.old_logp = old_logp
             inputs["old_per_token_logps"] = old_logp
         metrics, _ = policy_update(run, batch)
         ours_grads = gradients(policy)
@@ -736,11 +735,11 @@ def same_batch(cfg: GRPOConfig) -> dict[str, Any]:
     run.sampler.close()
     return {
         "completions": len(completion_ids),
-        "nonzero_advantages": int((batch["advantages"] != 0).sum()),
+        "nonzero_advantages": int((batch.advantages != 0).sum()),
         "prompt_ids_equal": [list(map(int, ids)) for ids in trl_prompt_ids] == [g.prompt_ids for g in groups],
         "rewards_max_abs_diff": (trl_rewards.cpu() - rewards_per_func).abs().max().item(),
         "initial_adapter_max_abs_diff": initial_difference,
-        "ref_logp_max_abs_diff": ((trl_ref - batch["ref_logp"]) * mask).abs().max().item(),
+        "ref_logp_max_abs_diff": None if batch.ref_logp is None else ((trl_ref - batch.ref_logp) * mask).abs().max().item(),
         **results,
     }
 

@@ -21,9 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import models.forward
 from grpo.config import GRPOConfig, load_config
-from grpo.rollout import collate
-from grpo.trainer import logprob_options
-from models.forward import LogprobOptions, batch_logprobs, completion_logprobs, no_grad_logprobs, trim
+from grpo.rollout import StepBatch, collate
+from grpo.trainer import logprob_options, no_grad_logprobs
+from models.forward import LogprobOptions, batch_logprobs, completion_logprobs
 from models.hf_sampler import HFSampler
 from models.policy import autocast_dtype, load_policy, reference_model
 from models.samplers import SamplingSettings
@@ -103,7 +103,21 @@ def batch(policies):
     )
     prompt_ids = sampler.encode(PROMPTS)
     outputs = sampler.generate(prompt_ids, 3, seeds=[11, 12])
-    return collate(prompt_ids, outputs, pad_id=policies["tokenizer"].pad_token_id)
+    padded = collate(prompt_ids, outputs, pad_id=policies["tokenizer"].pad_token_id)
+    mask = padded["completion_mask"]
+    return StepBatch(
+        input_ids=padded["input_ids"],
+        attention_mask=padded["attention_mask"],
+        completion_lengths=padded["completion_lengths"],
+        completion_mask=mask,
+        loss_mask=mask,
+        sampler_logp=padded["sampler_logp"],
+        advantages=torch.zeros(len(outputs)),
+        num_sequences=float(len(outputs)),
+        num_tokens=float(mask.sum()),
+        tokens_seen=0,
+        metrics={},
+    )
 
 
 class MatmulDtypes(TorchDispatchMode):
@@ -227,10 +241,12 @@ def test_every_decoder_matmul_runs_in_bf16_and_the_kernel_gets_bf16(policies, ba
             with reference_model(model):
                 ref_logp, _ = no_grad_logprobs(model, batch, 4, options)
             model.train()
-            micro = trim(batch, slice(0, 6), batch["input_ids"].shape[1] - batch["completion_mask"].shape[1])
-            logp, entropy = batch_logprobs(model, micro, options)
+            micro = batch.micro_batch(slice(0, 6))
+            logp, entropy = batch_logprobs(
+                model, micro.input_ids, micro.attention_mask, micro.completion_mask, options
+            )
             model.zero_grad(set_to_none=True)
-            (logp * micro["completion_mask"]).sum().backward()
+            (logp * micro.completion_mask).sum().backward()
     finally:
         for handle in handles:
             handle.remove()
@@ -295,7 +311,7 @@ def test_bf16_logprobs_agree_with_fp32_within_the_measured_tolerance(policies, b
         (p, policies["bf16"].get_parameter(n)) for n, p in policies["fp32"].named_parameters() if "lora_" in n
     ]
     assert len(lora) == 56 and all(torch.equal(a, b) for a, b in lora)
-    mask = batch["completion_mask"].bool()
+    mask = batch.completion_mask.bool()
     assert mask.sum() >= 30
 
     def logprobs(dtype: str) -> torch.Tensor:
@@ -304,11 +320,11 @@ def test_bf16_logprobs_agree_with_fp32_within_the_measured_tolerance(policies, b
         model.eval()
         with torch.no_grad():
             logp = completion_logprobs(
-                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], options
+                model, batch.input_ids, batch.attention_mask, batch.completion_mask, options
             )
             with reference_model(model):
                 ref = completion_logprobs(
-                    model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], options
+                    model, batch.input_ids, batch.attention_mask, batch.completion_mask, options
                 )
         return logp[mask], ref[mask]
 

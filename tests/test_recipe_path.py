@@ -82,10 +82,10 @@ def test_the_update_recomputes_activations_whatever_the_sampler(
     layers = run.model.get_base_model().config.num_hidden_layers
     run.model.eval()  # as load_policy leaves it, and as a sampler that never calls the model keeps it
     if sampler_touches_the_model:
-        groups, _, _ = sample_rollout(run.sampler, run.train_data, cfg, run.accelerator, 0)
+        groups = sample_rollout(run.sampler, run.train_data, cfg, run.accelerator, 0).groups
     else:
         with torch.no_grad():
-            groups, _, _ = sample_rollout(run.sampler, run.train_data, cfg, run.accelerator, 0)
+            groups = sample_rollout(run.sampler, run.train_data, cfg, run.accelerator, 0).groups
         run.model.eval()
     advantages = torch.linspace(-1, 1, cfg.num_generations)
     batch = step_batch(groups, advantages, 0, cfg, run.accelerator, run.tokenizer.pad_token_id)

@@ -17,7 +17,8 @@ from tiny_run import tiny
 from grpo.config import load_config
 from grpo.loss import policy_loss, sequence_mask
 from grpo.metrics import read_metrics
-from models.forward import micro_batches, trim
+from grpo.rollout import StepBatch
+from models.forward import micro_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,21 +61,32 @@ def test_micro_batches_cover_the_rows_in_order_the_last_one_shorter():
     assert micro_batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
 
 
-def test_trim_drops_only_unused_padding():
+def test_a_micro_batch_drops_only_unused_padding():
     # prompts [5, 6] and [7] left-padded to 3; completions of lengths 2 and 1 right-padded to 4
-    batch = {
-        "input_ids": torch.tensor([[0, 5, 6, 8, 9, 0, 0], [0, 0, 7, 4, 0, 0, 0]]),
-        "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0, 0]]),
-        "completion_mask": torch.tensor([[1.0, 1, 0, 0], [1, 0, 0, 0]]),
-        "completion_lengths": torch.tensor([2, 1]),
-        "sampler_logp": torch.zeros(2, 4),
-    }
-    both = trim(batch, slice(0, 2), prompt_len=3)
-    assert both["input_ids"].tolist() == [[5, 6, 8, 9], [0, 7, 4, 0]]
-    assert both["completion_mask"].shape == (2, 2)
-    second = trim(batch, slice(1, 2), prompt_len=3)
-    assert second["input_ids"].tolist() == [[7, 4]]
-    assert second["attention_mask"].tolist() == [[1, 1]]
+    mask = torch.tensor([[1.0, 1, 0, 0], [1, 0, 0, 0]])
+    batch = StepBatch(
+        input_ids=torch.tensor([[0, 5, 6, 8, 9, 0, 0], [0, 0, 7, 4, 0, 0, 0]]),
+        attention_mask=torch.tensor([[0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0, 0]]),
+        completion_lengths=torch.tensor([2, 1]),
+        completion_mask=mask,
+        loss_mask=mask,
+        sampler_logp=torch.zeros(2, 4),
+        advantages=torch.tensor([1.0, -1.0]),
+        num_sequences=2.0,
+        num_tokens=3.0,
+        tokens_seen=8,
+        metrics={},
+        ref_logp=torch.arange(8.0).reshape(2, 4),
+    )
+    both = batch.micro_batch(slice(0, 2))
+    assert both.input_ids.tolist() == [[5, 6, 8, 9], [0, 7, 4, 0]]
+    assert both.completion_mask.shape == both.loss_mask.shape == both.sampler_logp.shape == (2, 2)
+    assert both.ref_logp.tolist() == [[0.0, 1.0], [4.0, 5.0]] and both.old_logp is None
+    second = batch.micro_batch(slice(1, 2))
+    assert second.input_ids.tolist() == [[7, 4]]
+    assert second.attention_mask.tolist() == [[1, 1]]
+    assert second.advantages.tolist() == [-1.0] and second.completion_lengths.tolist() == [1]
+    assert (second.num_sequences, second.num_tokens) == (2.0, 3.0)  # the whole step's counts stay
 
 
 # ----------------------------------------------------------------------------- a real run
@@ -91,7 +103,7 @@ def finished_run(tmp_path_factory):
 
 
 REQUIRED = [
-    # DESIGN.md's names
+    # the names the README promises
     "step", "loss", "reward", "reward_std", "kl", "clip_ratio", "completion_length",
     "frac_reward_zero_std", "lr", "grad_norm", "step_time", "entropy",
     # TRL 1.16's names for the same quantities

@@ -174,11 +174,11 @@ def fixed_batch(run):
     ((batch, current),) = captured
     g = torch.Generator().manual_seed(0)
     offsets = 0.6 * torch.randn(current.shape, generator=g)
-    return {
-        **batch,
-        "old_logp": current - offsets,  # ratio = exp(offsets)
-        "ref_logp": current - 0.3 * torch.randn(current.shape, generator=g),
-    }
+    return dataclasses.replace(
+        batch,
+        old_logp=current - offsets,  # ratio = exp(offsets)
+        ref_logp=current - 0.3 * torch.randn(current.shape, generator=g),
+    )
 
 
 def _update(run, batch, direct, **fields) -> tuple[list[torch.Tensor], Spy]:
@@ -203,11 +203,11 @@ def _objective(batch, settings: LossSettings, **corrections_of):
 
     def direct(logp, advantages, mask, trainer_corrections):
         t = logp.shape[1]
-        old, ref = batch["old_logp"][:, :t], batch["ref_logp"][:, :t]
+        old, ref = batch.old_logp[:, :t], batch.ref_logp[:, :t]
         given = {
             name: make(logp, advantages, mask, trainer_corrections) for name, make in corrections_of.items()
         }
-        counts = Counts(float(batch["num_sequences"]), float(batch["num_tokens"]))
+        counts = Counts(float(batch.num_sequences), float(batch.num_tokens))
         return policy_loss(logp, old, ref, advantages, mask, settings, Corrections(**given), counts)[0]
 
     return direct
@@ -295,9 +295,7 @@ def _off_policy_mask(threshold):
     (the fixed sampler is not vLLM, so the policy that sampled is old_logp)."""
 
     def make(logp, advantages, mask, batch):
-        gap = ((batch["old_logp"][:, : logp.shape[1]] - logp.detach()) * mask).sum(1) / mask.sum(1).clamp(
-            min=1
-        )
+        gap = ((batch.old_logp[:, : logp.shape[1]] - logp.detach()) * mask).sum(1) / mask.sum(1).clamp(min=1)
         return (~((advantages < 0) & (gap > threshold))).float()[:, None]
 
     return make
