@@ -31,6 +31,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from models.forward import causal_lm
 from models.shm import SharedMemoryError, new_folder
 
 # Files of a model folder that hold weights (never copied: the export writes its own).
@@ -46,11 +47,6 @@ class ExportError(ValueError):
 # ------------------------------------------------------------------------------------ the weights
 
 
-def _causal_lm(model: Any) -> Any:
-    """The ``*ForCausalLM`` inside a PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def is_4bit(param: torch.Tensor) -> bool:
     """Whether ``param`` is a bitsandbytes 4-bit weight (a ``Params4bit`` carrying its ``quant_state``)."""
     return getattr(param, "quant_state", None) is not None
@@ -58,7 +54,7 @@ def is_4bit(param: torch.Tensor) -> bool:
 
 def has_4bit_weights(model: Any) -> bool:
     """Whether the model's base holds any 4-bit weight (``load_in_4bit: true``)."""
-    return any(is_4bit(p) for p in _causal_lm(model).parameters())
+    return any(is_4bit(p) for p in causal_lm(model).parameters())
 
 
 def dequantize_weight(param: torch.Tensor) -> torch.Tensor:
@@ -86,12 +82,12 @@ def base_state_dict(model: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     (``model.layers.0.self_attn.q_proj.weight``): PEFT's ``.base_layer`` is dropped from each name and every
     ``lora_*`` tensor is skipped. With tied embeddings only the input embedding is written.
     """
-    causal_lm = _causal_lm(model)
-    head, embedding = causal_lm.get_output_embeddings(), causal_lm.get_input_embeddings()
+    inner = causal_lm(model)
+    head, embedding = inner.get_output_embeddings(), inner.get_input_embeddings()
     tied = head is not None and embedding is not None and head.weight is embedding.weight
-    head_name = next((f"{n}.weight" for n, m in causal_lm.named_modules() if m is head), None)
+    head_name = next((f"{n}.weight" for n, m in inner.named_modules() if m is head), None)
     weights: dict[str, torch.Tensor] = {}
-    for name, param in causal_lm.named_parameters(remove_duplicate=False):
+    for name, param in inner.named_parameters(remove_duplicate=False):
         parts = name.split(".")
         if any(part.startswith("lora_") for part in parts):
             continue  # the adapter: vLLM gets it each step as a LoRARequest, never merged into the base
@@ -114,10 +110,10 @@ def base_state_dict(model: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def export_size_bytes(model: Any, dtype: torch.dtype) -> int:
     """Bytes of ``base_state_dict(model, dtype)`` without building it (4-bit weights count at full size)."""
-    causal_lm = _causal_lm(model)
+    inner = causal_lm(model)
     seen: set[int] = set()
     numel = 0
-    for name, param in causal_lm.named_parameters():  # shared (tied) tensors once
+    for name, param in inner.named_parameters():  # shared (tied) tensors once
         if "lora_" in name or id(param) in seen:
             continue
         seen.add(id(param))
@@ -183,8 +179,8 @@ def export_base_for_sampler(
     and gives the logits of the trainer's model with the adapter switched off.
     """
     dtype = as_torch_dtype(dtype)
-    causal_lm = _causal_lm(model)
-    model_path = model_path or getattr(causal_lm.config, "name_or_path", None) or ""
+    inner = causal_lm(model)
+    model_path = model_path or getattr(inner.config, "name_or_path", None) or ""
     config_file = os.path.join(model_path, "config.json")
     if not os.path.isfile(config_file):
         raise ExportError(
@@ -197,11 +193,9 @@ def export_base_for_sampler(
     from huggingface_hub import save_torch_state_dict
 
     weights = base_state_dict(model, dtype)
-    head, embedding = causal_lm.get_output_embeddings(), causal_lm.get_input_embeddings()
+    head, embedding = inner.get_output_embeddings(), inner.get_input_embeddings()
     tied = head is not None and embedding is not None and head.weight is embedding.weight
-    tied_head = (
-        next((f"{n}.weight" for n, m in causal_lm.named_modules() if m is head), None) if tied else None
-    )
+    tied_head = next((f"{n}.weight" for n, m in inner.named_modules() if m is head), None) if tied else None
     _check_names(set(weights), model_path, tied_head)
     save_torch_state_dict(weights, folder)  # model.safetensors, or 5 GB shards + index
     del weights

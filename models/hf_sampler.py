@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 import torch
 
-from models.forward import decoder_autocast
+from models.forward import causal_lm, decoder_autocast
 from models.samplers import Completion, Sampler, SamplingSettings, completion_seed, default_stop_token_ids
 
 
@@ -208,7 +208,7 @@ class HFSampler(Sampler):
         dequantize_once: Optional[bool] = None,
         prefill_once: bool = True,
     ) -> None:
-        hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hf_model = causal_lm(model)
         gen_cfg = getattr(hf_model, "generation_config", None)
         super().__init__(tokenizer, settings, stop_token_ids or default_stop_token_ids(tokenizer, gen_cfg))
         if tokenizer.pad_token_id is None:
@@ -242,9 +242,11 @@ class HFSampler(Sampler):
         dequantized = dequantized_4bit_weights(self.model) if dequantize_once else nullcontext()
         # bf16 mode (models.policy keeps the frozen weights, lm_head included, in bf16): generate under the
         # trainer's bf16 autocast, so the LoRA matmuls sample in the precision the trainer scores them in
-        hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hf_model = causal_lm(self.model)
         bf16_mode = hf_model.get_output_embeddings().weight.dtype == torch.bfloat16
-        autocast = decoder_autocast(next(self.model.parameters()).device, torch.bfloat16 if bf16_mode else None)
+        autocast = decoder_autocast(
+            next(self.model.parameters()).device, torch.bfloat16 if bf16_mode else None
+        )
         try:
             with torch.no_grad(), dequantized, autocast:
                 for start in range(0, len(rows), chunk):
@@ -284,7 +286,7 @@ class HFSampler(Sampler):
             use_cache=True,
             repetition_penalty=1.0,
         )
-        hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hf_model = causal_lm(self.model)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         # Each prompt once: its KV cache (all but its last token), copied to the rows of its completions.
         prompt_cache = None

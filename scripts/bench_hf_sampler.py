@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from data.mixture import build_train_dataset  # noqa: E402
 from grpo.config import load_config  # noqa: E402
+from models.forward import causal_lm  # noqa: E402
 from models.hf_sampler import HFSampler  # noqa: E402
 from models.policy import load_policy  # noqa: E402
 from models.samplers import SamplingSettings, derive_seed  # noqa: E402
@@ -73,7 +74,7 @@ def split_timers(model, seconds: dict, clock):
     """Add to ``seconds`` the time of the HF model's forwards, of the logits processors and of generate."""
     from transformers import LogitsProcessorList
 
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf_model = causal_lm(model)
     started: list[float] = []
 
     def before(*_):

@@ -146,8 +146,8 @@ def test_adaptive_entropy_coef_and_gate_worked_example():
 
 
 def test_grpo_loss_still_offers_the_corrections():
-    # DESIGN.md's contract names grpo.loss.sampler_importance_weights; the trainer and grpo/metrics.py
-    # import these from grpo.loss
+    # the public name of the correction is grpo.loss.sampler_importance_weights (README, docs/OBJECTIVES.md);
+    # they are defined in grpo/corrections.py and re-exported from grpo.loss
     import grpo.corrections
     import grpo.loss
 

@@ -27,7 +27,7 @@ from grpo.config import GRPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SHARED_DATA = ROOT.parent / "shared" / "data"  # real hub rows, beside the checkout (CI clones have it)
+REAL_DATA = ROOT / "data" / "real"  # real hub rows shipped with the project (data/real/README.md)
 GSM8K_FILES = str(FIXTURES_DIR / "gsm8k_{split}.jsonl")
 PUBMEDQA_FILES = str(FIXTURES_DIR / "pubmedqa_{split}.jsonl")
 HB_FILES = str(FIXTURES_DIR / "health_benchmarks_*.jsonl")
@@ -421,18 +421,16 @@ def test_hub_path_health_benchmarks_loads_every_specialty(fake_hub):
     assert len(train) == 2 * (n - math.ceil(0.1 * n))
 
 
-# ---------------------------------------------------------------------------- real rows (../shared/data)
+# ---------------------------------------------------------------------------- real rows (data/real)
 
 
 def shared_file(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.is_file():
-        pytest.skip(f"real sample rows not found at {path} (the shared/ folder beside the checkout)")
-    return path
+    """A shipped file of real hub rows (the loaders must read the upstream schema exactly)."""
+    return REAL_DATA / name
 
 
 def test_real_gsm8k_rows():
-    path = shared_file("gsm8k_main_train_sample.jsonl")
+    path = shared_file("gsm8k_train.jsonl")
     raw = read_jsonl(path)
     ds = gsm8k.load("train", str(path))
     assert len(ds) == len(raw)
@@ -445,7 +443,7 @@ def test_real_gsm8k_rows():
 
 
 def test_real_pubmedqa_rows():
-    path = shared_file("pubmedqa_pqa_labeled_sample.jsonl")
+    path = shared_file("pubmedqa_train.jsonl")
     raw = read_jsonl(path)
     pubids = [r["pubid"] for r in raw]
     ds = pubmedqa.load("test", str(path), test_pubids=pubids)
@@ -456,7 +454,7 @@ def test_real_pubmedqa_rows():
         raw[0]["question"] + " with 'yes', 'no' or 'maybe'. You need to carefully review the "
         "context and reason before answering."
     )
-    # none of these 30 rows is an official test question, so the real test split keeps none of them
+    # none of the training rows is an official test question, so the real test split keeps none of them
     with pytest.raises(DataError, match="not an official test pubid"):
         pubmedqa.load("test", str(path))
     # as training rows, only the contexts shorter than 1,024 characters stay

@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -223,24 +224,29 @@ def cache_root() -> Path:
 
 
 def resolve_tiny_model(cache_dir: str | os.PathLike | None = None, name: str = TINY_MODEL) -> str:
-    """Path of the cached tiny model, building it first if needed.
-
-    The build goes to a temporary folder next to the final one and is renamed into place, so a
-    process never sees a half-written model, and two processes building at once both end with the
-    same complete folder (the loser of the rename throws its copy away).
-    """
+    """Path of the cached tiny model, building it first if needed (``build_once``)."""
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
     warm = name == TINY_INSTRUCT_MODEL
     final = root / f"{name}-v{TINY_VERSION}-{tiny_fingerprint(warm)}"
+    return build_once(final, lambda folder: build_tiny_model(folder, warm_start=warm))
+
+
+def build_once(final: Path, build: Callable[[str], object]) -> str:
+    """``final`` (a model folder of the cache), made by ``build(folder)`` the first time it is asked for.
+
+    The build goes to a temporary folder next to the final one and is renamed into place, so a process never
+    sees a half-written model, and two processes building at once both end with the same complete folder (the
+    loser of the rename throws its copy away).
+    """
     if (final / "config.json").is_file():
         return str(final)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{final.name}.", dir=root)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     try:
-        build_tiny_model(tmp, warm_start=warm)
+        build(tmp)
         os.rename(tmp, final)
     except OSError:
         if not (final / "config.json").is_file():  # not a lost race: a real failure

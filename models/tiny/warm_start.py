@@ -24,6 +24,8 @@ import random
 
 import torch
 
+from models.cold_start import supervised_batch
+
 WARM_START_STEPS = 60
 WARM_START_BATCH = 16
 WARM_START_LR = 3e-3
@@ -43,25 +45,6 @@ def formatted_completion(answer: str, db_set: str) -> str:
     "<answer>\\nyes\\n</answer>\\n".
     """
     return f"<reasoning>\n{REASONING.get(db_set, 'I think.')}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
-
-
-def supervised_batch(tokenizer, rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Right-padded [prompt | completion <|im_end|>] rows; labels are -100 except on the completion."""
-    sequences, labels = [], []
-    for row in rows:
-        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        target = formatted_completion(row["answer"], row["db_set"])
-        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        sequences.append(prompt_ids + target_ids)
-        labels.append([-100] * len(prompt_ids) + target_ids)
-    width = max(len(s) for s in sequences)
-    pad = tokenizer.pad_token_id
-    return {
-        "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in sequences]),
-        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences]),
-        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
-    }
 
 
 def supervised_warm_start(
@@ -85,7 +68,10 @@ def supervised_warm_start(
     model.train()
     losses = []
     for _ in range(steps):
-        batch = supervised_batch(tokenizer, rng.sample(rows, min(batch_size, len(rows))))
+        picked = rng.sample(rows, min(batch_size, len(rows)))
+        batch = supervised_batch(
+            tokenizer, [{**row, "target": formatted_completion(row["answer"], row["db_set"])} for row in picked]
+        )
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
