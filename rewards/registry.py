@@ -311,8 +311,6 @@ def combine_rewards(
     funcs: Sequence[Union[str, RewardFunc]] = tuple(REWARD_FUNCS),
     weights: Optional[Sequence[float]] = None,
     *,
-    prompts: Optional[Sequence[Any]] = None,
-    completion_ids: Optional[Sequence[Sequence[int]]] = None,
     num_workers: int = 4,
     timeout: Optional[float] = None,
     row_names: Optional[Sequence[str]] = None,
@@ -325,9 +323,9 @@ def combine_rewards(
     ``total = sum_k weights[k] * per_func[k]`` over the functions that apply (TRL's nansum; ``weights=None``:
     1.0 each). A completion no function applies to is a RewardFuncError. ``funcs`` are built-in names,
     import paths (``"mypkg.rewards:fn"``, see ``resolve_reward_func``) or callables, in our convention or
-    TRL's (see the module docstring). ``prompts`` (N entries) and ``completion_ids`` (N lists of token ids,
-    unpadded) are passed to the functions that take them; so is every extra keyword
-    (``max_completion_length=1024``).
+    TRL's (see the module docstring). Every extra keyword is passed to the functions that take it, TRL's
+    ``prompts=`` (N entries) and ``completion_ids=`` (N lists of token ids, unpadded) as much as
+    ``max_completion_length=1024``; None means not given.
 
     How they run: async functions together, thread-safe ones (``fn.thread_safe = True``) on ``num_workers``
     threads (0: in turn), the others in turn (rewards/running.py); ``timeout`` seconds per function call
@@ -354,7 +352,7 @@ def combine_rewards(
         raise RewardFuncError(
             "a dataset column may not be named 'completions' (the reward functions' argument)"
         )
-    for key, value in (("prompts", prompts), ("completion_ids", completion_ids), *reward_kwargs.items()):
+    for key, value in reward_kwargs.items():  # prompts, completion_ids, max_completion_length, ...
         if value is None:
             continue
         if key in keywords:
