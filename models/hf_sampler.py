@@ -263,12 +263,8 @@ class HFSampler(Sampler):
 
         device = next(self.model.parameters()).device
         pad_id = self.tokenizer.pad_token_id
-        width = max(len(ids) for _, ids, _ in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (_, ids, _) in enumerate(rows):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[i, width - len(ids) :] = 1
+        input_ids, attention_mask = left_pad([ids for _, ids, _ in rows], pad_id)
+        width = input_ids.shape[1]
 
         # Our own warpers, then DrawAndRecord, which sees the scores the token is drawn from. Greedy decoding
         # takes no warper and no random stream.
@@ -320,6 +316,20 @@ class HFSampler(Sampler):
             )
             for i, ((prompt_index, _, _), n) in enumerate(zip(rows, lengths.tolist(), strict=True))
         ]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, W] of the prompts left-padded to the longest, as generate wants them.
+
+    Example: [[5, 6], [7]] with pad 0 -> [[5, 6], [0, 7]] and mask [[1, 1], [0, 1]].
+    """
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[i, width - len(ids) :] = 1
+    return input_ids, attention_mask
 
 
 def first_rows(prompt_indices: Sequence[int]) -> tuple[list[int], list[int]]:
