@@ -171,6 +171,7 @@ def test_debug_shows_the_reward_functions_traceback(tmp_path):
 # Two processes (accelerate, CPU): a reward failure on one must stop both, or the other waits forever for it in
 # the next exchange of groups.
 TWO_PROCESS_SCRIPT = """
+import os
 import sys
 sys.path.insert(0, {root!r})
 from accelerate import Accelerator
@@ -183,9 +184,10 @@ for failing in (None, 1):
     failure = RewardFuncError(f"reward function 'f' raised ValueError: bad row on rank {{rank}}") if rank == failing else None
     try:
         raise_reward_failure(accelerator, failure)
-        print(f"rank {{rank}} round {{failing}}: no error", flush=True)
+        line = f"rank {{rank}} round {{failing}}: no error"
     except RewardFuncError as err:
-        print(f"rank {{rank}} round {{failing}}: {{err}}", flush=True)
+        line = f"rank {{rank}} round {{failing}}: {{err}}"
+    os.write(1, (line + "\\n").encode())  # one write: the two processes share the pipe, lines must not interleave
 accelerator.wait_for_everyone()  # both got here: nobody is left waiting in a collective
 accelerator.end_training()
 """
