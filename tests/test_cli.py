@@ -471,6 +471,7 @@ def test_a_reward_module_in_the_working_folder_imports(tmp_path):
 def load_script(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: a dataclass in the script looks its module up there
     spec.loader.exec_module(module)
     return module
 
@@ -576,7 +577,8 @@ def fake_adapter(folder: Path) -> str:
 def test_evaluate_writes_no_report_into_the_working_folder(evaluate_cli, tmp_path, monkeypatch, how):
     """main() with the evaluation itself replaced: only where the report lands is under test."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(evaluate_cli, "run", lambda args, rest, argv: {"model": "org/Some-Model", "all": {}})
+    document = {"model": "org/Some-Model", "all": {}, "command": "evaluate.py"}
+    monkeypatch.setattr(evaluate_cli, "run", lambda args, rest, argv: (document, "| table |"))
     adapter = fake_adapter(tmp_path / "run" / "checkpoint-4")
     argv = ["--adapter", adapter] if how == "adapter" else ["--model", "org/Some-Model"]
     assert evaluate_cli.main(argv) == 0
@@ -585,5 +587,6 @@ def test_evaluate_writes_no_report_into_the_working_folder(evaluate_cli, tmp_pat
         if how == "adapter"
         else tmp_path / "outputs" / "evaluation_Some-Model.json"
     )
-    assert json.loads(report.read_text()) == {"model": "org/Some-Model", "all": {}}
+    assert json.loads(report.read_text()) == document
+    assert report.with_suffix(".md").read_text() == "`evaluate.py`\n\n| table |\n"
     assert not (tmp_path / "evaluation.json").exists()
