@@ -262,9 +262,10 @@ class Judge:
                 async with gate:
                     reply = await self._request(client, model, messages, timeout, row)
                 scores[key] = parse_score(reply, self.rubric.low, self.rubric.high)
-                self._remember(key, scores[key])
 
             await asyncio.gather(*(judge_one(key, row, messages) for key, (row, messages) in todo.items()))
+        for key in todo:  # in the completions' order, whichever reply came first: the cache is deterministic
+            self._remember(key, scores[key])
         rejected = sum(score is None for score in scores.values())
         if rejected:
             self.rejected += rejected
