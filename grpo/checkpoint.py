@@ -6,6 +6,8 @@
     optimizer.pt, scheduler.pt                        optimiser and learning-rate schedule state
     rng_state_<rank>.pt                               python / torch RNG state of every process
     trainer_state.json                                step, data position, counters, num_processes, config
+    rollout_policy.safetensors                        async_generation: the LoRA weights sampling the next
+                                                      rollout (one step behind), to send it again on resume
     checkpoint_manifest.json                          size and sha256 of every file above (written last)
 
 Complete: everything is written into ``checkpoint-<step>.tmp/`` and then renamed in one ``os.replace``.
@@ -52,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from grpo.run_folder import (
     CHECKPOINT_NAME_RE,
@@ -88,6 +92,7 @@ __all__ = [
 MANIFEST = "checkpoint_manifest.json"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
+ROLLOUT_POLICY = "rollout_policy.safetensors"
 MANIFEST_FORMAT = 1
 # files a checkpoint cannot resume without (rng_state_<rank>.pt is per process: at least rank 0's)
 REQUIRED_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER, SCHEDULER, TRAINER_STATE, "rng_state_0.pt")
@@ -342,12 +347,15 @@ def save_checkpoint(
     scheduler,
     trainer_state: dict[str, Any],
     accelerator,
+    rollout_policy: tuple[int, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write checkpoint-<step>/ atomically (all processes call this; rank 0 writes the shared parts).
 
     trainer_state must be JSON-serialisable (step, data position, counters, config dict); ``step`` and
-    ``num_processes`` are added. Order: adapter, optimiser, schedule; every process's RNG;
-    trainer_state.json; the manifest; then the rename that makes the folder visible.
+    ``num_processes`` are added. Order: adapter, optimiser, schedule (and ``rollout_policy``); every process's
+    RNG; trainer_state.json; the manifest; then the rename that makes the folder visible.
+    rollout_policy: ``async_generation``'s (version, LoRA weights) of the policy sampling the rollout in flight
+    (``load_rollout_policy`` reads it back).
     """
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f"checkpoint-{step}.tmp"
@@ -357,6 +365,9 @@ def save_checkpoint(
         save_adapter(accelerator.unwrap_model(model), str(tmp))
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER)
+        if rollout_policy is not None:
+            version, weights = rollout_policy
+            save_file(weights, str(tmp / ROLLOUT_POLICY), metadata={"version": str(version)})
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / rng_file_name(accelerator.process_index))
     accelerator.wait_for_everyone()
@@ -369,6 +380,17 @@ def save_checkpoint(
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_rollout_policy(path: str | os.PathLike) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(version, LoRA weights) of the policy that was sampling the next rollout when checkpoint ``path`` was
+    saved (``async_generation``), or None when nothing was on its way (a synchronous run, or the last step)."""
+    file = Path(path) / ROLLOUT_POLICY
+    if not file.is_file():
+        return None
+    with _reading(file, "cannot be read"), safe_open(str(file), framework="pt") as fh:
+        version = int((fh.metadata() or {})["version"])
+        return version, {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 - safe_open has no iter
 
 
 @contextmanager

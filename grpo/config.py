@@ -136,6 +136,12 @@ class GRPOConfig:
         "Server mode: a folder the server can read, where the adapter is written each step (None = a new folder "
         "in /dev/shm or the temp dir, for a server on the same machine; a separate node needs a shared folder).",
     )
+    async_generation: bool = setting(
+        False,
+        "Sample the next rollout while this step trains (verl's one-step-off): it comes from the policy one "
+        "optimiser step behind, which the importance-sampling correction weighs (sample/staleness_mean logs the "
+        "lag; 1, bounded by construction). Overlaps only in server mode; exact resume is kept (docs/SAMPLING.md).",
+    )
     vllm_gpu_memory_utilization: float = setting(0.5, "Fraction of GPU memory vLLM may take (colocated).")
     vllm_max_model_len: Optional[int] = setting(
         None, "vLLM max_model_len (None = max_prompt_length + max_completion_length)."
@@ -264,7 +270,8 @@ class GRPOConfig:
         "if it needs one, comes from the environment variable OPENAI_API_KEY.",
     )
     judge_model: Optional[str] = setting(
-        None, "rewards.judge: the model name the judge endpoint serves (needed when reward_funcs names a judge)."
+        None,
+        "rewards.judge: the model name the judge endpoint serves (needed when reward_funcs names a judge).",
     )
     judge_timeout: float = setting(
         60.0, "rewards.judge: seconds one judge request may take (retried twice, then the run stops)."

@@ -12,7 +12,6 @@ The model only appears behind the sampler (``models/samplers.py``).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -22,8 +21,8 @@ from torch import Tensor
 
 from grpo.advantages import informative_groups, weighted_reward_sum
 from grpo.config import GRPOConfig
-from grpo.metrics import length_metrics, reward_metrics
-from models.samplers import Completion, Sampler, derive_seed
+from grpo.metrics import PhaseTimer, length_metrics, reward_metrics
+from models.samplers import Completion, Pending, Sampler, derive_seed
 from rewards import RewardFuncError, combine_rewards
 
 
@@ -34,6 +33,8 @@ class Group:
     position: the prompt's position in the training stream (its seed is ``derive_seed(seed, position)``).
     row: the dataset row (``prompt``, ``answer``, ``db_set``, ...). prompt_ids: its token ids (chat template
     applied). completions: G completions. rewards_per_func: [G, K] unweighted rewards of the K functions.
+    version: the optimiser steps of the policy that sampled it (``staleness_metrics`` compares it with the
+    trainer's).
     """
 
     position: int
@@ -41,20 +42,35 @@ class Group:
     prompt_ids: list[int]
     completions: list[Completion]
     rewards_per_func: torch.Tensor
+    version: int = 0
 
 
-def generate_groups(
-    sampler: Sampler, rows: list[dict], positions: Sequence[int], group_size: int, seed: int
-) -> list[tuple[list[int], list[Completion]]]:
-    """G completions for each row, from the current policy: ``[(prompt_ids, completions)]`` per row.
+@dataclass
+class PendingRound:
+    """One round of sampling on its way (``start_round``): this process's share of the round's positions, their
+    rows and prompt ids, the completions the sampler is drawing, and the policy version that draws them."""
 
-    Each prompt is seeded by its position in the stream, so its completions are the same whatever else is in
-    the batch: on one process or many, in a resumed run or the uninterrupted one.
+    positions: range  # the whole round's positions in the training stream, all processes
+    mine: list[int]  # this process's share of them
+    rows: list[dict]
+    prompt_ids: list[list[int]]
+    completions: Pending  # G completions per prompt, groups contiguous
+    version: int  # optimiser steps done by the policy that samples
+
+
+def start_round(
+    sampler: Sampler, train_data: Any, cfg: GRPOConfig, accelerator: Any, positions: range, version: int = 0
+) -> PendingRound:
+    """Send this process's share of ``positions`` to the sampler: G completions each, from the policy it holds
+    (``version`` optimiser steps old). Each prompt is seeded by its position in the stream, so its completions
+    are the same whatever else is in the batch: on one process or many, in a resumed run or the uninterrupted one.
     """
+    mine = process_share(positions, accelerator.process_index, accelerator.num_processes)
+    rows = train_data.rows(mine[0], len(mine)) if mine else []
     prompt_ids = sampler.encode([row["prompt"] for row in rows])  # the chat template, applied once, here
-    seeds = [derive_seed(seed, position) for position in positions]
-    completions = sampler.generate(prompt_ids, group_size, seeds)
-    return [(ids, completions[i * group_size : (i + 1) * group_size]) for i, ids in enumerate(prompt_ids)]
+    seeds = [derive_seed(cfg.seed, position) for position in mine]
+    completions = sampler.submit(prompt_ids, cfg.num_generations, seeds)
+    return PendingRound(positions, mine, rows, prompt_ids, completions, version)
 
 
 def score_groups(
@@ -163,25 +179,24 @@ class Rollout:
     metrics: dict[str, float]
 
 
-def sample_round(
-    sampler: Sampler, train_data: Any, cfg: GRPOConfig, accelerator: Any, positions: range, timer: Any = None
-) -> list[Group]:
-    """One round of sampling: this process generates G completions for its share of ``positions`` and scores
-    them; then every process holds every process's groups (``all_groups``). A reward function that fails on
-    any process stops every process with the same RewardFuncError."""
-    mine = process_share(positions, accelerator.process_index, accelerator.num_processes)
+def finish_round(pending: PendingRound, cfg: GRPOConfig, accelerator: Any, timer: Any = None) -> list[Group]:
+    """Wait for a round's completions and score them; then every process holds every process's groups
+    (``all_groups``). A reward function that fails on any process stops every process with the same
+    RewardFuncError."""
+    timer = timer or PhaseTimer()
     local, failure = [], None
-    if mine:
-        rows = train_data.rows(mine[0], len(mine))
-        with timer("generate") if timer else contextlib.nullcontext():
-            generated = generate_groups(sampler, rows, mine, cfg.num_generations, cfg.seed)
-        with timer("score") if timer else contextlib.nullcontext():
+    if pending.mine:
+        with timer("generate"):  # the wait: what generation did not hide behind the previous step
+            completions = pending.completions.result()
+        g = cfg.num_generations
+        generated = [(ids, completions[i * g : (i + 1) * g]) for i, ids in enumerate(pending.prompt_ids)]
+        with timer("score"):
             try:
                 rewards = score_groups(
-                    rows,
+                    pending.rows,
                     generated,
                     cfg.reward_funcs,
-                    positions=mine,
+                    positions=pending.mine,
                     num_workers=cfg.reward_num_workers,
                     timeout=cfg.reward_timeout,
                     max_completion_length=cfg.max_completion_length,
@@ -191,28 +206,47 @@ def sample_round(
             except RewardFuncError as err:
                 failure = err
         if failure is None:
-            for at, row, (ids, completions), table in zip(mine, rows, generated, rewards, strict=True):
-                local.append(Group(at, row, ids, completions, table))
+            for at, row, (ids, group), table in zip(
+                pending.mine, pending.rows, generated, rewards, strict=True
+            ):
+                local.append(Group(at, row, ids, group, table, pending.version))
     raise_reward_failure(accelerator, failure)
     return all_groups(accelerator, local)
 
 
 def sample_rollout(
-    sampler: Sampler, train_data: Any, cfg: GRPOConfig, accelerator: Any, position: int, timer: Any = None
+    sampler: Sampler,
+    train_data: Any,
+    cfg: GRPOConfig,
+    accelerator: Any,
+    position: int,
+    timer: Any = None,
+    first: PendingRound | None = None,
+    version: int = 0,
 ) -> Rollout:
     """Arrows 1-3: a batch of prompts from ``position`` of the training stream ``train_data`` -> G completions
     each -> rewards. timer: a ``grpo.metrics.PhaseTimer`` that gets the "generate" and "score" phases.
+    first: the first round, already sent (``async_generation``: by the policy one step behind); else it is sent
+    now, by the policy the sampler holds, ``version`` optimiser steps old (as every further round is).
 
     Without dynamic sampling: one round of ``rollout_prompts`` prompts. With it (DAPO), rounds of that many
     prompts until as many groups carry a signal (their rewards differ), at most ``max_sampling_rounds``;
     then the first informative groups, topped up with uninformative ones if the rounds ran out.
     """
+    timer = timer or PhaseTimer()
     needed = rollout_prompts(cfg, accelerator.num_processes)
+
+    def sample_round(positions: range) -> list[Group]:
+        if first is not None and positions == first.positions:
+            return finish_round(first, cfg, accelerator, timer)
+        with timer("generate"):
+            pending = start_round(sampler, train_data, cfg, accelerator, positions, version)
+        return finish_round(pending, cfg, accelerator, timer)
+
+    if first is not None and first.positions.start != position:
+        raise ValueError(f"the round sent ahead starts at {first.positions.start}, the rollout at {position}")
     if not cfg.dynamic_sampling:
-        groups = sample_round(
-            sampler, train_data, cfg, accelerator, range(position, position + needed), timer
-        )
-        return Rollout(groups, position + needed, {})
+        return Rollout(sample_round(range(position, position + needed)), position + needed, {})
     informative: list[Group] = []
     uninformative: list[Group] = []
     rounds = 0
@@ -220,8 +254,7 @@ def sample_rollout(
         rounds += 1
         positions = range(position, position + needed)
         position += needed
-        groups = sample_round(sampler, train_data, cfg, accelerator, positions, timer)
-        kept, dropped = keep_informative(groups, reward_weights(cfg))
+        kept, dropped = keep_informative(sample_round(positions), reward_weights(cfg))
         informative += kept
         uninformative += dropped
     metrics = {
@@ -230,6 +263,17 @@ def sample_rollout(
         "sampling/filler_groups": float(max(needed - len(informative), 0)),
     }
     return Rollout((informative + uninformative)[:needed], position, metrics)
+
+
+def staleness_metrics(groups: list[Group], step: int) -> dict[str, float]:
+    """TRL's ``sample/staleness_*``: how many optimiser steps the policies that sampled ``groups`` lag behind the
+    policy trained at ``step`` (optimiser steps done). 0 when each rollout is sampled by the policy it trains
+    (one optimiser step per rollout, synchronous); 1 with ``async_generation`` (sampled one step behind).
+
+    Example: groups of versions [3, 3, 4] trained at step 4 -> mean 2/3, max 1.
+    """
+    lags = [step - g.version for g in groups]
+    return {"sample/staleness_mean": sum(lags) / len(lags), "sample/staleness_max": float(max(lags))}
 
 
 def judge_settings(cfg: GRPOConfig) -> dict[str, Any]:

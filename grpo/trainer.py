@@ -28,6 +28,9 @@ Where this departs from DeepSeekMath's Algorithm 1:
    and a few in a row stop the run with a checkpoint).
 8. Every statistic is the whole batch's, over all processes, and each completion is seeded by its prompt's
    position: one process or eight train on the same rows, draw the same samples and end with the same adapter.
+9. With ``async_generation`` the rollout of step k+1 is sent to the sampler before step k trains (verl's
+   one-step-off), so it comes from the policy one optimiser step behind; the importance-sampling correction
+   weighs that (``sample/staleness_mean`` logs the lag), and a checkpoint keeps the policy that samples it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import contextlib
 import io
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +49,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from grpo.advantages import multi_objective_advantages
-from grpo.checkpoint import load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
+from grpo.checkpoint import (
+    load_checkpoint,
+    load_rollout_policy,
+    read_trainer_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from grpo.config import GRPOConfig
 from grpo.corrections import (
     adaptive_entropy_coef,
@@ -72,11 +82,15 @@ from grpo.optim import clip_gradients, make_optimizer, make_scheduler, sum_gradi
 from grpo.plot import plot_metrics
 from grpo.rollout import (
     Group,
+    PendingRound,
     Rollout,
     StepBatch,
     optimizer_steps_per_rollout,
     reward_weights,
+    rollout_prompts,
     sample_rollout,
+    staleness_metrics,
+    start_round,
     step_batch,
 )
 from grpo.run_folder import (
@@ -125,6 +139,16 @@ class TrainerState:
 
 
 @dataclass
+class Ahead:
+    """``async_generation``: the next rollout's first round, sent to the sampler before this step trains, and the
+    LoRA weights of the policy that samples it ({name: CPU tensor}): a checkpoint keeps them, so that a resumed
+    run sends the same round again and trains on the same samples as the uninterrupted one."""
+
+    round: PendingRound
+    policy: dict[str, Tensor]
+
+
+@dataclass
 class Run:
     """The live objects of a run, passed to each step."""
 
@@ -138,15 +162,23 @@ class Run:
     train_data: MixtureStream
     state: TrainerState = field(default_factory=TrainerState)
     resume_from: Path | None = None  # the checkpoint fit() restores first
+    ahead: Ahead | None = None  # async_generation: the rollout sampled while this step trains
 
     @property
     def trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     @property
+    def sampled_off_policy(self) -> bool:
+        """Whether the samples come from another distribution than the trainer's policy before the update:
+        another engine's (vLLM's kernels) or an older policy's (``async_generation``: one step behind)."""
+        return self.sampler.name == "vllm" or self.config.async_generation
+
+    @property
     def sampler_corrected(self) -> bool:
-        """Whether the policy term is weighted by pi_trainer / pi_sampler (TRL: only for vLLM)."""
-        return self.sampler.name == "vllm" and self.config.vllm_importance_sampling_correction
+        """Whether the policy term is weighted by pi_trainer / pi_sampler (TRL: for vLLM; here also for the
+        rollouts ``async_generation`` samples one step behind, whatever the sampler)."""
+        return self.sampled_off_policy and self.config.vllm_importance_sampling_correction
 
 
 # ============================================================================ the GRPO step
@@ -162,7 +194,8 @@ def grpo_step(run: Run) -> list[dict[str, Any]]:
     for iteration in range(run.config.num_iterations):  # 6. mu passes of policy updates over the rollout
         for batch in batches:
             if run.state.step < run.config.max_steps:
-                records.append({**train_on_batch(run, batch, iteration, timer), **rollout.metrics})
+                lag = staleness_metrics(rollout.groups, run.state.step)
+                records.append({**train_on_batch(run, batch, iteration, timer), **rollout.metrics, **lag})
     with timer("sync"):  # 7. hand the new adapter to the sampler
         run.sampler.update_policy(run.accelerator.unwrap_model(run.model))
     for record in records:
@@ -179,13 +212,27 @@ def prepare_step_batches(run: Run, timer: PhaseTimer | None = None) -> tuple[lis
          its share, then holds the whole rollout);
     4.   group-normalised advantages over the whole rollout of all processes;
     5.   each step batch's old and reference log-probs, no grad.
-    Also moves the run's place in the training stream past the rollout's prompts.
+    Also moves the run's place in the training stream past the rollout's prompts. With ``async_generation``
+    the rollout is the one sent during the previous step (by the policy one step behind), and the next one is
+    sent now, by the current policy: the sampler draws it while arrows 4-7 run.
     """
     cfg, timer = run.config, timer or PhaseTimer()
+    first = run.ahead.round if run.ahead is not None else None
     rollout = sample_rollout(
-        run.sampler, run.train_data, cfg, run.accelerator, run.state.data_position, timer
+        run.sampler,
+        run.train_data,
+        cfg,
+        run.accelerator,
+        run.state.data_position,
+        timer,
+        first,
+        run.state.step,
     )
+    run.ahead = None  # used (kept until here: a checkpoint taken when it failed sends it again)
     run.state.data_position = rollout.next_position
+    if cfg.async_generation:
+        with timer("generate"):  # a colocated sampler draws it here; a server returns at once
+            send_ahead(run)
     advantages = rollout_advantages(rollout.groups, cfg)
     batches = [
         step_batch(rollout.groups, advantages, k, cfg, run.accelerator, run.tokenizer.pad_token_id)
@@ -195,6 +242,39 @@ def prepare_step_batches(run: Run, timer: PhaseTimer | None = None) -> tuple[lis
         for batch in batches:
             add_old_and_ref_logprobs(run, batch)
     return batches, rollout
+
+
+def send_ahead(run: Run) -> None:
+    """``async_generation``: send the next rollout's first round (from the run's place in the stream) to the
+    sampler, from the policy as it is now, and keep that policy's LoRA weights (``Ahead``). Nothing is sent
+    when no step will train on it."""
+    cfg, state = run.config, run.state
+    if state.step + cfg.num_iterations * optimizer_steps_per_rollout(cfg) < cfg.max_steps:
+        send_round(run, state.step, lora_weights(run.accelerator.unwrap_model(run.model)))
+
+
+def send_round(run: Run, version: int, weights: dict[str, Tensor]) -> None:
+    """Send the first round of the rollout at the run's place in the stream to the sampler (which holds the
+    policy of LoRA ``weights``, ``version`` optimiser steps old): ``run.ahead``."""
+    start = run.state.data_position
+    positions = range(start, start + rollout_prompts(run.config, run.accelerator.num_processes))
+    first = start_round(run.sampler, run.train_data, run.config, run.accelerator, positions, version)
+    run.ahead = Ahead(first, weights)
+
+
+def lora_weights(model) -> dict[str, Tensor]:
+    """{name: a CPU copy} of the model's trainable (LoRA) weights."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def set_lora_weights(model, weights: dict[str, Tensor]) -> None:
+    """Copy ``weights`` (from ``lora_weights``) into the model's trainable weights, in place."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if params.keys() != weights.keys():
+        raise ValueError(f"LoRA weights of another model: {sorted(set(params) ^ set(weights))[:3]} ...")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
 
 
 def rollout_advantages(groups: list[Group], cfg: GRPOConfig) -> torch.Tensor:
@@ -304,8 +384,8 @@ def sampling_corrections(
     run: Run, micro: StepBatch, logp: torch.Tensor
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(is_weights, off_policy_mask) of a micro-batch, each None when off: TRL's importance weights of the
-    policy that sampled over the sampler (vLLM only), and DeepSeek-V3.2's off-policy sequence mask of the
-    current policy (logp [n, T], detached) against the policy that sampled."""
+    policy that sampled over the sampler (vLLM, or a rollout sampled one step behind), and DeepSeek-V3.2's
+    off-policy sequence mask of the current policy (logp [n, T], detached) against the policy that sampled."""
     cfg = run.config
     old_logp = logp if micro.old_logp is None else micro.old_logp  # None: the current policy sampled
     is_weights = off_policy_mask = None
@@ -318,8 +398,8 @@ def sampling_corrections(
             cfg.vllm_importance_sampling_clip_min,
             cfg.effective_clip_max,
         )
-    if cfg.off_policy_mask_threshold is not None:  # against the sampler's numbers when they differ (vLLM)
-        behaviour = micro.sampler_logp if run.sampler.name == "vllm" else old_logp
+    if cfg.off_policy_mask_threshold is not None:  # against the sampler's numbers when they differ
+        behaviour = micro.sampler_logp if run.sampled_off_policy else old_logp
         off_policy_mask = off_policy_sequence_mask(
             logp, behaviour, micro.advantages, micro.loss_mask, cfg.off_policy_mask_threshold
         )
@@ -521,9 +601,11 @@ def fit(run: Run) -> Path:
                 started = time.perf_counter()
                 records = step_or_save(run, saver)
                 if eval_rows and crossed(run.state.step, len(records), cfg.eval_steps):
-                    records[-1].update(
-                        evaluate_rows(run.sampler, eval_rows, cfg.seed, cfg.reward_funcs, cfg.reward_weights)
-                    )
+                    try:
+                        records[-1].update(step_or_save(run, saver, lambda run: evaluate(run, eval_rows)))
+                    except (SamplerError, RewardFuncError):  # the steps are saved: so are their lines
+                        log_records(run, records, time.perf_counter() - started, logger, bar)
+                        raise
                 log_records(run, records, time.perf_counter() - started, logger, bar)
                 # save between rollouts (nothing half-used needs saving), when a step crossed save_steps
                 if crossed(run.state.step, run.state.step - saver.last_saved, cfg.save_steps) or (
@@ -554,6 +636,14 @@ def resume(run: Run) -> None:
     policy = accelerator.unwrap_model(run.model)
     saved = load_checkpoint(run.resume_from, policy, run.optimizer, run.scheduler, accelerator)
     run.state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
+    ahead = load_rollout_policy(run.resume_from) if run.config.async_generation else None
+    if ahead is not None:  # send again the round that was on its way, from the policy that was sampling it
+        version, weights = ahead
+        current = lora_weights(policy)
+        set_lora_weights(policy, weights)
+        run.sampler.update_policy(policy)
+        send_round(run, version, weights)
+        set_lora_weights(policy, current)
     run.sampler.update_policy(policy)
     accelerator.print(f"resumed from {run.resume_from} at step {run.state.step}")
 
@@ -585,6 +675,7 @@ class Saver:
         run, accelerator = self.run, self.run.accelerator
         self.last_saved = run.state.step
         trainer_state = {**vars(run.state), "config": run.config.to_dict()}
+        ahead = None if run.ahead is None else (run.ahead.round.version, run.ahead.policy)
         path = save_checkpoint(
             self.output_dir,
             run.state.step,
@@ -593,6 +684,7 @@ class Saver:
             run.scheduler,
             trainer_state,
             accelerator,
+            rollout_policy=ahead,
         )
         if accelerator.is_main_process:
             rotate_checkpoints(self.output_dir, run.config.save_total_limit, keep=path)
@@ -604,11 +696,22 @@ class Saver:
         return self.save() if self.run.state.step != self.last_saved else self.latest
 
 
-def step_or_save(run: Run, saver: Saver) -> list[dict[str, Any]]:
-    """``grpo_step``, or, when it cannot go on, a checkpoint of what is done and one error saying how to go on:
-    several non-finite updates in a row, a sampler that stopped answering, a reward function that failed."""
+def evaluate(run: Run, eval_rows: list[dict]) -> dict[str, float]:
+    """The greedy scores of the evaluation rows (``eval/*``). A rollout on its way (``async_generation``) is
+    waited for first: the evaluation loads the newest adapter, and the server must not drop the one that rollout
+    is sampled by while its requests run."""
+    if run.ahead is not None:
+        run.ahead.round.completions.result()  # kept for the next step
+    cfg = run.config
+    return evaluate_rows(run.sampler, eval_rows, cfg.seed, cfg.reward_funcs, cfg.reward_weights)
+
+
+def step_or_save(run: Run, saver: Saver, work: Callable[[Run], Any] = grpo_step) -> Any:
+    """``work(run)`` (``grpo_step``, or the evaluation), or, when it cannot go on, a checkpoint of what is done
+    and one error saying how to go on: several non-finite updates in a row, a sampler that stopped answering, a
+    reward function that failed."""
     try:
-        return grpo_step(run)
+        return work(run)
     except TrainingError:
         saver.save()
         raise

@@ -187,7 +187,11 @@ def validate(cfg: GRPOConfig) -> None:
     _validate_objective(cfg, need)
     _validate_batching(cfg, need)
     if cfg.vllm_mode == "server":
-        need(cfg.sampler != "hf", "sampler", "vllm_mode: server samples on a vLLM server: set sampler: vllm (or auto)")
+        need(
+            cfg.sampler != "hf",
+            "sampler",
+            "vllm_mode: server samples on a vLLM server: set sampler: vllm (or auto)",
+        )
 
 
 def _validate_rewards(cfg: GRPOConfig, need) -> None:
@@ -293,6 +297,11 @@ def config_warnings(cfg: GRPOConfig, cuda: bool | None = None) -> list[str]:
         notes.append(
             f"loss_type=cispo caps the importance weight at epsilon_high={cfg.effective_epsilon_high} (< 1): "
             "every token is capped; CISPO uses a cap above 1 (e.g. epsilon_high: 4.0)"
+        )
+    if cfg.async_generation and not (cfg.sampler != "hf" and cfg.vllm_mode == "server"):
+        notes.append(
+            "async_generation=True without vllm_mode: server: a colocated sampler shares the trainer's device and "
+            "thread, so nothing overlaps; the rollouts are only sampled one step behind (staleness 1)"
         )
     if cfg.vllm_enable_sleep_mode and cfg.sampler != "hf":
         if cuda is None:

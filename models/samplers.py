@@ -26,7 +26,7 @@ like. Greedy decoding (temperature 0) reports ``log_softmax(logits)``, i.e. temp
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -89,6 +89,24 @@ class Completion:
     logprobs: list[float]
 
 
+class Pending:
+    """Completions on their way (``Sampler.submit``): ``result()`` waits for them once, then keeps them.
+
+    >>> Pending(lambda: ["done"]).result()
+    ['done']
+    """
+
+    def __init__(self, wait: Callable[[], list[Completion]]) -> None:
+        self._wait: Optional[Callable[[], list[Completion]]] = wait
+        self._outputs: list[Completion] = []
+
+    def result(self) -> list[Completion]:
+        if self._wait is not None:  # a failure raises again on the next call
+            self._outputs = self._wait()
+            self._wait = None
+        return self._outputs
+
+
 class SamplerError(RuntimeError):
     """The sampler cannot sample now (e.g. its vLLM server is down or answers with errors); the message names
     it and the error. The trainer saves a checkpoint and stops: the run resumes once the sampler is back."""
@@ -123,7 +141,22 @@ class Sampler(abc.ABC):
         seeds: Sequence[int],
         settings: Optional[SamplingSettings] = None,
     ) -> list[Completion]:
-        """N = len(prompt_ids) * num_generations completions, groups contiguous.
+        """N = len(prompt_ids) * num_generations completions, groups contiguous: ``submit(...).result()``."""
+        return self.submit(prompt_ids, num_generations, seeds, settings).result()
+
+    def submit(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        num_generations: int,
+        seeds: Sequence[int],
+        settings: Optional[SamplingSettings] = None,
+    ) -> Pending:
+        """Start drawing N = len(prompt_ids) * num_generations completions, groups contiguous; ``.result()``
+        returns them (call it on the thread that submitted: it may wait for the other processes).
+
+        A colocated sampler draws them here and now (its engine shares the trainer's device and thread: nothing
+        could run alongside); the server sampler sends its requests and returns at once, so that the server
+        samples while the trainer trains (``async_generation``).
 
         prompt_ids: the token ids of each prompt (``encode`` makes them from chats). seeds: one per prompt;
         completion g of prompt p is drawn from its own random stream, seeded by ``(seeds[p], g)``, whatever
@@ -136,20 +169,29 @@ class Sampler(abc.ABC):
         if len(seeds) != len(prompt_ids):
             raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts: give one seed per prompt")
         if len(prompt_ids) == 0:
-            return []
+            return Pending(list)
         prompt_ids = [list(ids) for ids in prompt_ids]
         for i, ids in enumerate(prompt_ids):
             if len(ids) == 0:
                 raise ValueError(f"prompt {i} is empty")
             if not all(isinstance(t, int) for t in ids):
                 raise ValueError(f"prompt {i}: expected token ids (Sampler.encode turns chats into ids)")
-        outputs = self._generate(
-            prompt_ids, num_generations, [int(s) for s in seeds], settings or self.settings
-        )
-        assert [o.prompt_index for o in outputs] == [
-            p for p in range(len(prompt_ids)) for _ in range(num_generations)
-        ]
-        return outputs
+        wait = self._submit(prompt_ids, num_generations, [int(s) for s in seeds], settings or self.settings)
+        expected = [p for p in range(len(prompt_ids)) for _ in range(num_generations)]
+
+        def result() -> list[Completion]:
+            outputs = wait()
+            assert [o.prompt_index for o in outputs] == expected
+            return outputs
+
+        return Pending(result)
+
+    def _submit(
+        self, prompt_ids: list[list[int]], num_generations: int, seeds: list[int], settings: SamplingSettings
+    ) -> Callable[[], list[Completion]]:
+        """What ``result()`` calls; by default the completions are drawn here, before it returns."""
+        outputs = self._generate(prompt_ids, num_generations, seeds, settings)
+        return lambda: outputs
 
     @abc.abstractmethod
     def _generate(
@@ -299,6 +341,7 @@ def make_sampler(config: Any, model: Any, tokenizer: Any, model_path: str, dtype
 
 __all__ = [
     "Completion",
+    "Pending",
     "Prompt",
     "Sampler",
     "SamplerError",

@@ -389,6 +389,7 @@ class ServerSampler(Sampler):
         self._version = 0
         self._loaded: Optional[str] = None  # the adapter the server holds for us
         self._pending = False  # update_policy wrote a version the server has not loaded yet
+        self._in_flight: list = []  # the futures of the last submit's requests
 
     # -------------------------------------------------------------------- start
 
@@ -592,14 +593,15 @@ class ServerSampler(Sampler):
                 message if rank == state.process_index else f"process {rank}: {message}", self.client.url
             )
 
-    def _complete(self, payload: dict) -> dict:
-        """One ``/v1/completions`` answer; a 404 for our adapter (a restarted server) reloads it once."""
+    def _complete(self, payload: dict, folder: Optional[str] = None) -> dict:
+        """One ``/v1/completions`` answer; a 404 for our adapter (a restarted server) reloads it once, from
+        ``folder`` (default: the newest version's), the folder of the adapter the request names."""
         try:
             return self.client.post("/v1/completions", payload).json()
         except ServerError as err:
             if "HTTP 404" not in str(err) or payload["model"] != self._loaded:
                 raise
-            self.client.load_adapter(self._loaded, self._adapter_folder(self._version))
+            self.client.load_adapter(self._loaded, folder or self._adapter_folder(self._version))
             return self.client.post("/v1/completions", payload).json()
 
     def _parse(self, answer: dict, n: int) -> list[tuple[list[int], list[float]]]:
@@ -614,6 +616,15 @@ class ServerSampler(Sampler):
     def _generate(
         self, prompt_ids: list[list[int]], num_generations: int, seeds: list[int], settings: SamplingSettings
     ) -> list[Completion]:
+        return self._submit(prompt_ids, num_generations, seeds, settings)()
+
+    def _submit(
+        self, prompt_ids: list[list[int]], num_generations: int, seeds: list[int], settings: SamplingSettings
+    ) -> Callable[[], list[Completion]]:
+        """Load the newest adapter (writer; every process waits for it), send one request per prompt on
+        ``concurrency`` threads, and return at once; the returned function waits for the answers and agrees
+        with the other processes. A server error at either point is raised by that function, on every process:
+        a rollout sent ahead (``async_generation``) fails where it is used, before anything of it is trained."""
         for i, ids in enumerate(prompt_ids):
             if len(ids) + settings.max_completion_length > self.max_model_len:
                 raise ValueError(
@@ -626,31 +637,49 @@ class ServerSampler(Sampler):
                 self._load_pending()
             except ServerError as err:
                 error = err
-        self._agree(error)  # the barrier: nobody asks for the new adapter before the server holds it
+        try:
+            self._agree(error)  # the barrier: nobody asks for the new adapter before the server holds it
+        except ServerError as err:
+            failed = err
+
+            def raise_it() -> list[Completion]:
+                raise failed
+
+            return raise_it
         self._loaded = self._adapter_name(self._version)
         self._pending = False
+        folder = self._adapter_folder(self._version)  # still there while these requests run
         requests = [
             completion_request(self._loaded, ids, num_generations, seed, settings, self.stop_token_ids)
             for ids, seed in zip(prompt_ids, seeds, strict=True)
         ]
-        parsed: list[list[tuple[list[int], list[float]]]] = []
-        try:
-            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests))) as pool:
-                answers = list(pool.map(self._complete, requests))
-            parsed = [self._parse(answer, num_generations) for answer in answers]
-        except ServerError as err:
-            error = err
-        self._agree(error)
-        return [
-            self._completion(p, token_ids, logprobs, settings.max_completion_length)
-            for p, group in enumerate(parsed)
-            for token_ids, logprobs in group
-        ]
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)))
+        futures = [pool.submit(self._complete, request, folder) for request in requests]
+        pool.shutdown(wait=False)  # its threads end with the last request
+        self._in_flight = futures
+
+        def wait() -> list[Completion]:
+            parsed: list[list[tuple[list[int], list[float]]]] = []
+            error: Optional[BaseException] = None
+            try:
+                parsed = [self._parse(future.result(), num_generations) for future in futures]
+            except ServerError as err:
+                error = err
+            self._agree(error)
+            return [
+                self._completion(p, token_ids, logprobs, settings.max_completion_length)
+                for p, group in enumerate(parsed)
+                for token_ids, logprobs in group
+            ]
+
+        return wait
 
     def close(self) -> None:
         """Unload our adapter (one quick try: the server may be gone) and remove the adapter folders."""
         import httpx
 
+        for future in self._in_flight:  # a rollout sent ahead that nobody will use: what has not started
+            future.cancel()
         if self.writer and self._loaded is not None:
             try:
                 self.client.http.post(

