@@ -539,7 +539,8 @@ def run_ours(cfg: GRPOConfig) -> dict[str, Any]:
     started = time.perf_counter()
     run = setup(cfg)
     generate_seconds: list[float] = []
-    wrap_timed(run.sampler, "generate", lambda elapsed, ended: generate_seconds.append(elapsed))
+    # the rollout's sampler call (HF generate draws the completions inside submit, before it returns)
+    wrap_timed(run.sampler, "submit", lambda elapsed, ended: generate_seconds.append(elapsed))
     read_rows = run.train_data.rows
     rollout_prompts: list[str] = []
 

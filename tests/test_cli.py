@@ -339,6 +339,11 @@ WARNINGS = {
         "loss_type=cispo caps the importance weight at epsilon_high=0.2 (< 1): every token is capped; CISPO uses "
         "a cap above 1 (e.g. epsilon_high: 4.0)",
     ),
+    "async generation without a server": (
+        ["--async_generation", "true"],
+        "async_generation=True without vllm_mode: server: a colocated sampler shares the trainer's device and "
+        "thread, so nothing overlaps; the rollouts are only sampled one step behind (staleness 1)",
+    ),
     "sleep mode without CUDA": (
         ["--sampler", "vllm", "--vllm_enable_sleep_mode", "true"],
         "vllm_enable_sleep_mode=True: vLLM has no sleep mode without CUDA (here: CPU), so the engine runs without "
