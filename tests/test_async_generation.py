@@ -159,3 +159,28 @@ def test_without_the_saved_policy_the_resumed_run_samples_another_rollout(async_
     full = read_metrics(out / "metrics.jsonl")
     assert resumed[2]["sample/staleness_mean"] == 0.0 and resumed[3]["sample/staleness_mean"] == 1.0
     assert resumed[2]["loss"] != full[2]["loss"]
+
+
+@pytest.mark.slow
+def test_with_dynamic_sampling_only_the_first_round_is_sent_ahead(tmp_path):
+    """Further rounds are sampled when needed, by the current policy: their groups' staleness is 0, so a step's
+    mean lies between 0 and 1, and a step whose first round had no signal can read 0 (all its groups later)."""
+    events: list[tuple] = []
+    real_start = trainer.start_round
+
+    def start_round(sampler, train_data, cfg, accelerator, positions, version=0):
+        events.append((version, positions.start))
+        return real_start(sampler, train_data, cfg, accelerator, positions, version)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "start_round", start_round)
+        trainer.train(
+            config(tmp_path, "--dynamic_sampling", "true", "--max_sampling_rounds", "3", "--max_steps", "3")
+        )
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(r["sampling/rounds"] >= 1 for r in records)
+    assert records[0]["sample/staleness_max"] == 0.0  # the first rollout: all sampled by the current policy
+    for record in records[1:]:
+        assert 0.0 <= record["sample/staleness_mean"] <= record["sample/staleness_max"] <= 1.0
+    # the trainer sends ahead only the next rollout's first round: 2 prompts from where the stream stands
+    assert len(events) == 2 and all(version == step for step, (version, _) in enumerate(events))
