@@ -8,12 +8,12 @@ answers (tests/test_server_sampler.py, on its fake server; the real vLLM server'
 
 from __future__ import annotations
 
-import shutil
+import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_run import tiny
+from tiny_run import copy_run_until, tiny
 
 import grpo.trainer as trainer
 from grpo.checkpoint import ROLLOUT_POLICY, load_rollout_policy, verify_checkpoint
@@ -118,14 +118,8 @@ def test_a_checkpoint_keeps_the_policy_sampling_the_next_rollout(async_run):
 
 
 def _resume_from_checkpoint_2(out, tmp_path, without_rollout_policy: bool = False) -> list[dict]:
-    shutil.copytree(out / "checkpoint-2", tmp_path / "checkpoint-2")
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
-    if (
-        without_rollout_policy
-    ):  # as a checkpoint of the previous version would be: also drop it from the manifest
-        import json
-
+    copy_run_until(out, tmp_path, 2)
+    if without_rollout_policy:  # as a checkpoint of the previous version would be: also out of the manifest
         (tmp_path / "checkpoint-2" / ROLLOUT_POLICY).unlink()
         manifest = tmp_path / "checkpoint-2" / "checkpoint_manifest.json"
         data = json.loads(manifest.read_text())

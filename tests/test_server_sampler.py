@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import randomise_adapter, tiny
+from tiny_run import copy_run_until, randomise_adapter, tiny
 
 from grpo.config import GRPOConfig, load_config
 from grpo.metrics import read_metrics
@@ -873,10 +872,7 @@ def test_async_generation_on_the_server_samples_one_step_behind_and_resumes_exac
     difference = [r["sampling/sampling_logp_difference/mean"] for r in records]
     assert difference[0] < 1e-5 and min(difference[1:]) > 1e-4, difference
 
-    resumed.mkdir()
-    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
-    lines = (whole / "metrics.jsonl").read_text().splitlines()
-    (resumed / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    copy_run_until(whole, resumed, 2)
     again = cli(*run, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest",
                 capture_output=True, text=True, timeout=900)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]

@@ -3,7 +3,6 @@ non-finite updates, data parallel under accelerate, and the CLI's config errors.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import tiny
+from tiny_run import copy_run_until, tiny
 
 from grpo.config import load_config
 from grpo.loss import policy_loss, sequence_mask
@@ -156,20 +155,12 @@ def test_checkpoint_is_a_peft_adapter_and_training_changed_it(finished_run):
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at 0: GRPO moved it
 
 
-def _copy_until(src, dst, step):
-    """A run directory as a kill right after checkpoint-<step> would have left it."""
-    shutil.copytree(src / f"checkpoint-{step}", dst / f"checkpoint-{step}")
-    lines = (src / "metrics.jsonl").read_text().splitlines()
-    # the killed run had also logged the next step, and half a line: both must be dropped on resume
-    (dst / "metrics.jsonl").write_text("\n".join(lines[: step + 1]) + '\n{"step": 9, "lo')
-
-
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(finished_run, tmp_path):
     from grpo.trainer import train
 
     out, _ = finished_run
-    _copy_until(out, tmp_path, 2)
+    copy_run_until(out, tmp_path, 2)
     train(tiny_config(tmp_path, "--resume_from_checkpoint", "latest"))
     full, resumed = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]

@@ -1,9 +1,10 @@
 """The settings the end-to-end tests share: the tiny offline model on the bundled fixtures, small enough that
 a training step takes a second or two on 2 CPU cores. Each test file adds what its own runs need. Also the
-one helper several test files share: ``randomise_adapter``."""
+helpers several test files share: ``randomise_adapter``, ``copy_run_until``."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +38,12 @@ def randomise_adapter(model, scale: float, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
+def copy_run_until(src: Path, dst: Path, step: int) -> None:
+    """The run folder ``dst`` as a kill right after ``src``'s checkpoint-<step> would have left it: that
+    checkpoint, and metrics.jsonl with the steps up to it plus the next step's line and half a line (the killed
+    run had logged them; a resume must drop both)."""
+    shutil.copytree(src / f"checkpoint-{step}", dst / f"checkpoint-{step}")
+    lines = (src / "metrics.jsonl").read_text().splitlines()
+    (dst / "metrics.jsonl").write_text("\n".join(lines[: step + 1]) + '\n{"step": 9, "lo')
