@@ -178,3 +178,51 @@ def test_with_dynamic_sampling_only_the_first_round_is_sent_ahead(tmp_path):
         assert 0.0 <= record["sample/staleness_mean"] <= record["sample/staleness_max"] <= 1.0
     # the trainer sends ahead only the next rollout's first round: 2 prompts from where the stream stands
     assert len(events) == 2 and all(version == step for step, (version, _) in enumerate(events))
+
+
+def test_a_rollout_sampled_ahead_is_importance_weighted_whatever_the_sampler():
+    """With the HF sampler a synchronous rollout needs no correction (the trainer's own policy sampled it); sent
+    ahead, it was sampled by the policy one step behind: pi_trainer / pi_sampler weighs it, per sequence
+    (TRL's default sequence_mask: exp(sum of the differences), 0 beyond the bounds)."""
+    from types import SimpleNamespace
+
+    from grpo.trainer import Run, sampling_corrections
+
+    micro = SimpleNamespace(
+        old_logp=None,
+        sampler_logp=torch.tensor([[-1.5, -1.0], [-0.6, -0.7]]),
+        completion_mask=torch.ones(2, 2),
+        advantages=torch.tensor([1.0, -1.0]),
+        loss_mask=torch.ones(2, 2),
+    )
+    logp = torch.tensor([[-1.0, -1.0], [-0.5, -0.5]])  # the trainer's, before the update
+    hf = SimpleNamespace(name="hf")
+
+    def run(**fields) -> Run:
+        return Run(GRPOConfig(**fields), None, None, None, hf, None, None, None)
+
+    assert sampling_corrections(run(), micro, logp) == (None, None)
+    weights, mask = sampling_corrections(run(async_generation=True), micro, logp)
+    assert mask is None
+    # row 0: exp(0.5 + 0) = 1.6487; row 1: exp(0.1 + 0.2) = 1.3499 (both within TRL's default bounds)
+    assert weights.flatten().tolist() == pytest.approx([1.6487213, 1.3498588], rel=1e-6)
+
+
+def test_the_evaluation_waits_for_the_rollout_sent_ahead_first(monkeypatch):
+    """The evaluation loads the newest adapter on the server, which drops the one the rollout in flight is sampled
+    by: so it waits for that rollout first (whose completions are kept for the next step)."""
+    from types import SimpleNamespace
+
+    from models.samplers import Pending
+
+    order: list[str] = []
+    pending = Pending(lambda: order.append("rollout") or [])
+    run = SimpleNamespace(
+        ahead=SimpleNamespace(round=SimpleNamespace(completions=pending)), config=GRPOConfig(), sampler=None
+    )
+    monkeypatch.setattr(
+        trainer, "evaluate_rows", lambda *args: order.append("evaluate") or {"eval/reward": 1.0}
+    )
+    assert trainer.evaluate(run, [{}]) == {"eval/reward": 1.0}
+    assert order == ["rollout", "evaluate"]
+    assert pending.result() == [] and order == ["rollout", "evaluate"]  # kept: not waited for twice
