@@ -22,6 +22,11 @@ Options of this script:
   --output FILE          the JSON report (default: beside the adapter, <adapter>/evaluation.json; with
                          --compare in the adapter side's folder, evaluation_vs_<other side>.json; for the
                          base model alone outputs/evaluation_<model>.json)
+  --fresh                evaluate every side again. Without it each side's report is kept, as it ends, in
+                         <output>.sides/ (a name from what decides its completions: the model and adapter
+                         files, the config, the prompts, the settings); a side found there is read back, so
+                         a compare that was killed goes on from the last side it finished, and a later
+                         compare that adds a side (a new checkpoint) evaluates only that one
   --medqa_data_files, --medmcqa_data_files, --mmlu_medical_data_files FILES   local files instead of the hub
 Any field of grpo/config.py may follow as ``--field value``, as for train.py: --config FILE (a training
 YAML: model, 4-bit, data files, sampler...), --sampler hf, --max_completion_length 512,
@@ -109,6 +114,12 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
         help="the JSON report (default: <adapter>/evaluation.json; with --compare, "
         "evaluation_vs_<other side>.json in the adapter side's folder; the base model alone: "
         "outputs/evaluation_<model>.json)",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="evaluate every side again (default: read back the sides an earlier run with the same model "
+        "files, config, prompts and settings saved in <output>.sides/)",
     )
     parser.add_argument("--config", help="a training YAML (its model, data files and sampler are used)")
     for name, flag in EXTRA_DATA_FLAGS.items():
@@ -293,8 +304,79 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace, rest: list[str], argv: list[str]) -> tuple[dict[str, Any], str]:
-    """Load, generate, score; returns the JSON document and the markdown report (and prints the tables)."""
+def side_files(folder: Optional[str]) -> list[tuple[str, int, int]]:
+    """(name, size, mtime in ns) of each file directly in a model or adapter folder: a side's identity on
+    disk. A model rewritten in place (a new cold start, a retrained checkpoint) changes its entry."""
+    if folder is None or not os.path.isdir(folder):
+        return []
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    return [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file()]
+
+
+def side_key(
+    side: Side,
+    model_path: str,
+    side_config: Any,
+    sets: dict[str, list],
+    settings: Any,
+    args: argparse.Namespace,
+) -> str:
+    """A name for what decides one side's completions and scores: its label, its model folder's and adapter
+    folder's files, the config it is loaded and scored with, the prompts (and answers), the sampling settings,
+    --samples, --seed and --batch_size. Two runs with the same key write the same report.
+
+    Returns ``<label>-<16 hex digits of a sha256>``, the label made safe for a file name.
+    """
+    import hashlib
+    from dataclasses import asdict
+
+    what = {
+        "label": side.label,
+        "model": [os.path.abspath(model_path), side_files(model_path)],
+        "adapter": [os.path.abspath(side.adapter), side_files(side.adapter)] if side.adapter else None,
+        "config": asdict(side_config),
+        "prompts": sets,
+        "settings": asdict(settings),
+        "samples": args.samples,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+    }
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{re.sub(r'[^A-Za-z0-9.+_-]', '_', side.label)}-{digest}"
+
+
+def output_path(args: argparse.Namespace, model: str) -> Path:
+    """--output, else where the report goes by default (``default_output_path``)."""
+    if args.output is not None:
+        return Path(args.output)
+    specs = [side.spec for side in args.sides] if args.compare else None
+    return default_output_path(args.adapter, specs, model)
+
+
+def saved_sides_folder(output: Path) -> Path:
+    """Where each side's report is kept as it ends: ``outputs/x.json`` -> ``outputs/x.sides/``."""
+    return output.with_suffix(".sides")
+
+
+def read_saved_side(path: Path) -> Optional[dict[str, Any]]:
+    """A side's report saved by an earlier run, or None (none there, or a torn file from a killed write)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save_side(path: Path, report: dict[str, Any]) -> None:
+    """Write a side's report whole or not at all (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report))
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace, rest: list[str], argv: list[str]) -> tuple[dict[str, Any], str, Path]:
+    """Load, generate, score; returns the JSON document, the markdown report (and prints the tables) and
+    the JSON report's path."""
     from dataclasses import replace
 
     from grpo.evaluation import evaluate
@@ -326,13 +408,24 @@ def run(args: argparse.Namespace, rest: list[str], argv: list[str]) -> tuple[dic
     # that rank too (any rank adds exactly 0); an adapter's own rank comes from its folder.
     ranks = [int(read_adapter_config(side.adapter)["r"]) for side in sides if side.adapter] or [config.lora_r]
     config = replace(config, lora_r=max(ranks))
+    output = output_path(args, config.model_name_or_path)
+    saved = saved_sides_folder(output)
 
     reports: list[dict[str, Any]] = []
     sampler, sampler_path = None, None
     for side in sides:
-        say(f"evaluating {side.label}")
         path = paths.get(side.model, model_path)
         side_config = config if side.model is None else replace(config, model_name_or_path=side.model)
+        side_file = saved / f"{side_key(side, path, side_config, sets, settings, args)}.json"
+        report = None if args.fresh else read_saved_side(side_file)
+        if report is not None:
+            say(
+                f"{side.label}: read back from {side_file} (evaluated earlier with the same files, config, "
+                "prompts and settings; --fresh evaluates it again)"
+            )
+            reports.append(report)
+            continue
+        say(f"evaluating {side.label}")
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the tables
             model, side_tokenizer = load_for_evaluation(side_config, side.adapter, path=path)
             if sampler is not None and path == sampler_path:
@@ -359,9 +452,11 @@ def run(args: argparse.Namespace, rest: list[str], argv: list[str]) -> tuple[dic
             dropped_long_prompts=dropped,
         )
         reports.append(report)
+        save_side(side_file, report)  # a compare killed after this side goes on from the next one
         del model
         gc.collect()
-    sampler.close()
+    if sampler is not None:
+        sampler.close()
 
     meta = {
         "command": "python scripts/evaluate.py " + shlex.join(argv),
@@ -374,8 +469,10 @@ def run(args: argparse.Namespace, rest: list[str], argv: list[str]) -> tuple[dic
     if not args.compare:
         markdown = format_table(reports[0])
         print(markdown)
-        return {**meta, **reports[0]}, markdown + "\n\n" + format_completions(
-            sets, [sides[0]], reports, args.show
+        return (
+            {**meta, **reports[0]},
+            markdown + "\n\n" + format_completions(sets, [sides[0]], reports, args.show),
+            output,
         )
     sections = [
         f"## {LETTERS[i]}: {side.label}\n\n{format_table(r)}\n"
@@ -402,7 +499,7 @@ def run(args: argparse.Namespace, rest: list[str], argv: list[str]) -> tuple[dic
         document.update(a=reports[0], b=reports[1], comparison=compare_reports(reports[0], reports[1]))
     if len(sides) == 2:  # the markdown file also gets the summary table (soft format, answers given)
         markdown += f"\n\n## Summary\n\n{format_versus_first(sides, reports)}"
-    return document, markdown + "\n\n" + format_completions(sets, sides, reports, args.show)
+    return document, markdown + "\n\n" + format_completions(sets, sides, reports, args.show), output
 
 
 # ---------------------------------------------------------------------------- the report's extra parts
@@ -553,16 +650,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         args, rest = parse_args(argv)
         check_args(args)
-        document, markdown = run(args, rest, argv)
+        document, markdown, output = run(args, rest, argv)
     except (EvaluationError, AdapterError, ConfigError, DataError, ModelLoadError) as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
-    specs = [side.spec for side in args.sides] if args.compare else None
-    output = (
-        Path(args.output)
-        if args.output is not None
-        else default_output_path(args.adapter, specs, document["model"])
-    )
     output.parent.mkdir(parents=True, exist_ok=True)  # outputs/ for the base model
     with open(output, "w") as fh:
         json.dump(document, fh, indent=1)

@@ -518,3 +518,68 @@ def test_score_completions_with_a_users_reward_function(tmp_path, monkeypatch):
     )
     assert scores["correctness"] == 2.0 and scores["strict_format"] == 0.5 and scores["answer_type"] == 0.5
     assert scores["reward"] == pytest.approx(2.0 + 2.0 * 0.01 * len(text))
+
+
+def test_cli_compare_keeps_each_side_and_a_killed_compare_goes_on_from_the_last_side(
+    trained_adapter, tmp_path, capsys, monkeypatch
+):
+    """Each side's report is saved as it ends (``<output>.sides/``): a compare killed during its second side
+    evaluates only that side when run again, and its report equals an uninterrupted run's; a side whose adapter
+    files change, or a run with --fresh, is evaluated again."""
+    import grpo.evaluation
+
+    adapter = tmp_path / "checkpoint-8"
+    adapter.mkdir()
+    for f in Path(trained_adapter).iterdir():
+        (adapter / f.name).write_bytes(f.read_bytes())
+    args = [
+        "--model", TINY_MODEL, "--load_in_4bit", "false", "--dtype", "fp32", "--sampler", "hf",
+        "--sources", "medqa", "--medqa_data_files", MEDQA_FILES, "--limit", "2", "--max_completion_length", "6",
+    ]  # fmt: skip
+    evaluated: list[int] = []  # the number of prompts of each side evaluated (not read back)
+    real_evaluate = grpo.evaluation.evaluate
+
+    def counting_evaluate(sampler, sets, *rest, **kw):
+        if kill_at is not None and len(evaluated) == kill_at:
+            raise KeyboardInterrupt  # the run killed while it evaluates this side
+        evaluated.append(sum(len(rows) for rows in sets.values()))
+        return real_evaluate(sampler, sets, *rest, **kw)
+
+    monkeypatch.setattr(grpo.evaluation, "evaluate", counting_evaluate)
+
+    # the uninterrupted run, in a folder of its own
+    kill_at = None
+    whole = tmp_path / "whole.json"
+    assert run_cli([*args, "--output", str(whole), "--compare", "base", str(adapter)], capsys)[0] == 0
+    assert evaluated == [2, 2] and len(list((tmp_path / "whole.sides").iterdir())) == 2
+
+    # killed during the second side: the first side is on disk, the report is not
+    evaluated.clear()
+    kill_at = 1
+    out = tmp_path / "cmp.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_cli([*args, "--output", str(out), "--compare", "base", str(adapter)], capsys)
+    assert evaluated == [2] and not out.exists()
+    assert [p.name.split("-")[0] for p in (tmp_path / "cmp.sides").iterdir()] == ["base"]
+
+    # run again: the base side is read back, only the adapter side is evaluated, the report is the same
+    evaluated.clear()
+    kill_at = None
+    code, err = run_cli([*args, "--output", str(out), "--compare", "base", str(adapter)], capsys)
+    assert code == 0 and evaluated == [2] and "base: read back from" in err
+    resumed, reference = json.loads(out.read_text()), json.loads(whole.read_text())
+    for key in ("a", "b", "comparison"):
+        assert resumed[key] == reference[key], key
+
+    # both sides saved now: nothing is evaluated; the adapter's files rewritten: that side again; --fresh: all
+    evaluated.clear()
+    assert run_cli([*args, "--output", str(out), "--compare", "base", str(adapter)], capsys)[0] == 0
+    assert evaluated == []
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes())
+    os.utime(weights, ns=(1, 1))  # another modification time, whatever the clock's resolution
+    assert run_cli([*args, "--output", str(out), "--compare", "base", str(adapter)], capsys)[0] == 0
+    assert evaluated == [2]
+    evaluated.clear()
+    assert run_cli([*args, "--output", str(out), "--compare", "base", str(adapter), "--fresh"], capsys)[0] == 0
+    assert evaluated == [2, 2]
