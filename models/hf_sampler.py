@@ -16,6 +16,8 @@ says how HF generate fills it:
    from (the processed scores, without the noise), kept as one float per token: no [B, V] outlives its step.
 4. On CPU, a 4-bit base is dequantised once per call instead of at every decoding step
    (:func:`dequantized_4bit_weights`): the same numbers, with less time and far fewer stalls on busy cores.
+   Also on CPU, attention reads the shared key / value heads of grouped-query attention in place instead of
+   copying the whole cache at every step (:func:`shared_kv_attention`): the same numbers again.
 5. Each prompt is prefilled once per group (:func:`prefill_prompts_once`): its KV cache is computed for one row
    and copied to the G rows of its completions, instead of G identical prefills (what generate's own
    ``num_return_sequences`` does: it repeats the input ids first). The same samples (tested against samples
@@ -182,6 +184,76 @@ def dequantized_4bit_weights(model: torch.nn.Module) -> Iterator[int]:
             del layer.forward
 
 
+SHARED_KV_SDPA = "sdpa_shared_kv"  # our name for sdpa_shared_kv in transformers' attention registry
+
+
+def sdpa_shared_kv(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' "sdpa" attention without copying the key / value heads of grouped-query attention.
+
+    query: [B, H, Q, D]; key, value: [B, Hkv, K, D], H a multiple of Hkv (Qwen2.5-3B: 16 and 2; the tiny
+    models: 4 and 2); attention_mask: None or [B, 1, Q, K] (True = attend). Returns ([B, Q, H, D], None), as
+    transformers' attention functions do.
+
+    Whenever a mask is given (always, with left padding), transformers' sdpa first repeats each KV head
+    H / Hkv times (``repeat_kv``): a copy of the whole KV cache, in every layer at every decoding step, because
+    CUDA's fused kernels take no mask with GQA. CPU's kernel does: ``enable_gqa=True`` reads each shared head
+    in place. The same numbers (bit-identical on CPU: tests/test_hf_sampler.py), a third less time per
+    sampling call on the embedded default (docs/BENCHMARKS.md). As transformers does, no ``is_causal`` when a
+    mask is given or for one query, and with an empty static cache (K > Q, no mask) only the first Q keys.
+    """
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = q_len > 1 and attention_mask is None and causal
+    if causal and kv_len > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=causal,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def shared_kv_attention(model: torch.nn.Module) -> Iterator[bool]:
+    """Inside the block, a model on transformers' "sdpa" attention uses :func:`sdpa_shared_kv` instead.
+
+    Registered once in transformers' attention registry (and its mask registry, with sdpa's own masks), then
+    selected by the model config's ``_attn_implementation`` and put back on exit. Yields whether it switched
+    (False for another attention implementation: eager, flash).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    config = causal_lm(model).config
+    saved = getattr(config, "_attn_implementation", None)
+    if saved != "sdpa":
+        yield False
+        return
+    AttentionInterface.register(SHARED_KV_SDPA, sdpa_shared_kv)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_KV_SDPA, sdpa_mask)
+    config._attn_implementation = SHARED_KV_SDPA
+    try:
+        yield True
+    finally:
+        config._attn_implementation = saved
+
+
 class HFSampler(Sampler):
     """``model.generate`` on the policy itself (adapter on), batched with left padding.
 
@@ -194,6 +266,9 @@ class HFSampler(Sampler):
     about 5.5 GB more at Qwen2.5-3B's shape.
     ``prefill_once``: run each prompt through the model once and give its KV cache to its G rows
     (``prefill_prompts_once``; the same samples); False = every row prefills its own copy of the prompt.
+    ``share_kv_heads``: attend to grouped-query KV heads in place instead of copying them at every step
+    (``shared_kv_attention``: the same numbers). None (default) = on for a CPU model; off on GPU, where
+    torch's fused kernels take no mask with GQA and this would fall back to the slow math kernel.
     """
 
     name = "hf"
@@ -207,6 +282,7 @@ class HFSampler(Sampler):
         batch_size: Optional[int] = None,
         dequantize_once: Optional[bool] = None,
         prefill_once: bool = True,
+        share_kv_heads: Optional[bool] = None,
     ) -> None:
         hf_model = causal_lm(model)
         gen_cfg = getattr(hf_model, "generation_config", None)
@@ -219,6 +295,7 @@ class HFSampler(Sampler):
         self.batch_size = batch_size
         self.dequantize_once = dequantize_once
         self.prefill_once = prefill_once
+        self.share_kv_heads = share_kv_heads
 
     def update_policy(self, model: Any) -> None:
         self.model = model  # generate runs on the live policy: nothing to copy
@@ -236,10 +313,11 @@ class HFSampler(Sampler):
         outputs: list[Completion] = []
         was_training = self.model.training
         self.model.eval()  # no dropout; gradient checkpointing only acts in training mode
-        dequantize_once = self.dequantize_once
-        if dequantize_once is None:
-            dequantize_once = next(self.model.parameters()).device.type == "cpu"
+        on_cpu = next(self.model.parameters()).device.type == "cpu"
+        dequantize_once = on_cpu if self.dequantize_once is None else self.dequantize_once
         dequantized = dequantized_4bit_weights(self.model) if dequantize_once else nullcontext()
+        share_kv_heads = on_cpu if self.share_kv_heads is None else self.share_kv_heads
+        shared_kv = shared_kv_attention(self.model) if share_kv_heads else nullcontext()
         # bf16 mode (models.policy keeps the frozen weights, lm_head included, in bf16): generate under the
         # trainer's bf16 autocast, so the LoRA matmuls sample in the precision the trainer scores them in
         hf_model = causal_lm(self.model)
@@ -248,7 +326,7 @@ class HFSampler(Sampler):
             next(self.model.parameters()).device, torch.bfloat16 if bf16_mode else None
         )
         try:
-            with torch.no_grad(), dequantized, autocast:
+            with torch.no_grad(), dequantized, shared_kv, autocast:
                 for start in range(0, len(rows), chunk):
                     outputs += self._generate_batch(rows[start : start + chunk], settings)
         finally:

@@ -28,6 +28,8 @@ from models.hf_sampler import (
     completion_lengths,
     dequantized_4bit_weights,
     first_rows,
+    sdpa_shared_kv,
+    shared_kv_attention,
     warpers,
 )
 from models.policy import resolve_dtype, resolve_model_path
@@ -440,6 +442,68 @@ def test_hf_dequantize_once_changes_no_number_and_dequantizes_each_layer_once(po
     assert not any("forward" in vars(m) for m in layers)
     with dequantized_4bit_weights(torch.nn.Sequential(torch.nn.Linear(2, 2))) as switched:
         assert switched == 0
+
+
+def test_sdpa_shared_kv_equals_attention_with_the_kv_heads_repeated():
+    """sdpa_shared_kv against an independent reference: each KV head repeated for its H / Hkv query heads, then
+    softmax(q k^T / sqrt(D) + mask) v written out. A left-padded decode step (one query), a prefill with a causal +
+    padding mask, and the maskless causal case (no mask, Q = K)."""
+    torch.manual_seed(0)
+    b, h, hkv, d = 3, 4, 2, 8
+
+    def reference(q, k, v, allowed):
+        k, v = k.repeat_interleave(h // hkv, dim=1), v.repeat_interleave(h // hkv, dim=1)
+        scores = q @ k.transpose(-1, -2) / d**0.5
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)  # [B, Q, H, D]
+
+    module = torch.nn.Module()
+    for q_len, kv_len in ((1, 7), (5, 5)):
+        q, k, v = torch.randn(b, h, q_len, d), torch.randn(b, hkv, kv_len, d), torch.randn(b, hkv, kv_len, d)
+        pad = torch.ones(b, kv_len, dtype=torch.bool)
+        pad[1, :2] = False  # row 1 left-padded by 2
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool).tril(diagonal=kv_len - q_len)
+        allowed = causal[None, None] & pad[:, None, None, :]
+        if q_len == kv_len:  # the prefill's padded queries attend to themselves (no row may be empty)
+            allowed[1, :, [0, 1], [0, 1]] = True
+        out, weights = sdpa_shared_kv(module, q, k, v, allowed)
+        assert weights is None and out.shape == (b, q_len, h, d)
+        torch.testing.assert_close(out, reference(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+    q, k, v = torch.randn(b, h, 5, d), torch.randn(b, hkv, 5, d), torch.randn(b, hkv, 5, d)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].expand(b, 1, 5, 5)
+    torch.testing.assert_close(
+        sdpa_shared_kv(module, q, k, v, None)[0], reference(q, k, v, causal), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_hf_shared_kv_heads_change_no_number_and_leave_the_model_as_it_was(policy_4bit):
+    """The tiny model has 4 query heads and 2 KV heads: sampling with the KV heads shared (the CPU default) draws
+    the same tokens with bit-identical log-probs as with transformers' sdpa (which copies them), and the model's
+    attention setting is back to sdpa afterwards."""
+    from models.forward import causal_lm
+
+    model, tokenizer = policy_4bit
+    config = causal_lm(model).config
+    assert (
+        config.num_attention_heads == 2 * config.num_key_value_heads and config._attn_implementation == "sdpa"
+    )
+    settings = SamplingSettings(temperature=1.0, max_completion_length=10)
+    prompt_ids = [encode_prompt(tokenizer, p) for p in LAYOUT_PROMPTS[:2] + LAYOUT_PROMPTS[4:]]
+    seeds = seeds_for(prompt_ids, 5)
+    copied = HFSampler(model, tokenizer, settings, share_kv_heads=False).generate(prompt_ids, 3, seeds)
+    shared = HFSampler(model, tokenizer, settings).generate(prompt_ids, 3, seeds)
+    assert [o.token_ids for o in shared] == [o.token_ids for o in copied]
+    assert [o.logprobs for o in shared] == [o.logprobs for o in copied]  # bit-identical, not merely close
+    assert config._attn_implementation == "sdpa"
+    with shared_kv_attention(model) as switched:
+        assert switched and config._attn_implementation == "sdpa_shared_kv"
+    assert config._attn_implementation == "sdpa"
+    config._attn_implementation = "eager"  # another implementation is left alone
+    try:
+        with shared_kv_attention(model) as switched:
+            assert not switched and config._attn_implementation == "eager"
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 def test_encode_accepts_chats_strings_and_ids_and_names_bad_prompts(policy):
