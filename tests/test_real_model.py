@@ -377,6 +377,37 @@ def test_one_grpo_step_on_smollm2_moves_the_adapter(smollm2_folder, tmp_path):
     assert len(moved) == len(lora_b)
 
 
+@needs_smollm2
+@pytest.mark.slow
+def test_smollm2_samples_are_bit_identical_with_its_kv_heads_shared(smollm2_folder):
+    """SmolLM2 has 9 query heads on 3 KV heads: the HF sampler's shared-KV attention (the CPU default) draws what
+    transformers' sdpa (which copies each KV head three times per step) draws, token for token and log-prob for
+    log-prob, on a 4-bit policy with a non-zero adapter, sampled and greedy."""
+    from models.hf_sampler import HFSampler
+    from models.policy import load_policy
+    from models.samplers import SamplingSettings
+
+    config = load_config(["--config", str(SMOLLM2_CONFIG), "--model_name_or_path", smollm2_folder[0]])
+    model, tokenizer = load_policy(config, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+    chats = [
+        [{"role": "user", "content": q}] for q in ("Is aspirin an NSAID?", "What is 12 times 7? Be brief.")
+    ]
+    for settings in (
+        SamplingSettings(temperature=1.0, max_completion_length=12),
+        SamplingSettings(0.0, max_completion_length=8),
+    ):
+        samplers = [HFSampler(model, tokenizer, settings, share_kv_heads=s) for s in (False, True)]
+        prompt_ids = samplers[0].encode(chats)
+        copied, shared = (s.generate(prompt_ids, 3, [11, 12]) for s in samplers)
+        assert [o.token_ids for o in shared] == [o.token_ids for o in copied]
+        assert [o.logprobs for o in shared] == [o.logprobs for o in copied]
+
+
 # ---------------------------------------------------------------------------- evaluate.py --compare
 
 
