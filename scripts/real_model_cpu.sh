@@ -12,6 +12,10 @@
 #    with EVAL_SOURCES="pubmedqa gsm8k", the 200 shipped GSM8K test questions) -> outputs/smollm2-compare.json
 #    and .md (the table, a few completions). Batches of 4 prompts, shortest first: HF generate pads a batch to
 #    its longest prompt and runs on until its longest completion ends, so small batches waste little.
+#    Each side's report is kept as it ends (outputs/smollm2-compare.sides/): run again after a kill, the
+#    comparison goes on from the side it was in; the base and cold-start sides can be evaluated beforehand,
+#    beside the training (`--compare before=smollm2-135m-instruct cold-start=base`, same options), and are
+#    then read back.
 #
 # Extra arguments are config fields, given to all three steps (e.g. --max_steps 30). Environment variables:
 # CONFIG (another config), REPORT (another report path), BASE (another model to start from), COLD_START_ARGS and
