@@ -583,7 +583,11 @@ def test_evaluate_writes_no_report_into_the_working_folder(evaluate_cli, tmp_pat
     """main() with the evaluation itself replaced: only where the report lands is under test."""
     monkeypatch.chdir(tmp_path)
     document = {"model": "org/Some-Model", "all": {}, "command": "evaluate.py"}
-    monkeypatch.setattr(evaluate_cli, "run", lambda args, rest, argv: (document, "| table |"))
+    monkeypatch.setattr(
+        evaluate_cli,
+        "run",  # run() names the report's path with output_path(), from the model it evaluated
+        lambda args, rest, argv: (document, "| table |", evaluate_cli.output_path(args, document["model"])),
+    )
     adapter = fake_adapter(tmp_path / "run" / "checkpoint-4")
     argv = ["--adapter", adapter] if how == "adapter" else ["--model", "org/Some-Model"]
     assert evaluate_cli.main(argv) == 0
