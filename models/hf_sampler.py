@@ -207,7 +207,7 @@ def sdpa_shared_kv(
     Whenever a mask is given (always, with left padding), transformers' sdpa first repeats each KV head
     H / Hkv times (``repeat_kv``): a copy of the whole KV cache, in every layer at every decoding step, because
     CUDA's fused kernels take no mask with GQA. CPU's kernel does: ``enable_gqa=True`` reads each shared head
-    in place. The same numbers (bit-identical on CPU: tests/test_hf_sampler.py), a third less time per
+    in place. The same numbers (bit-identical on CPU: tests/test_samplers.py), a third less time per
     sampling call on the embedded default (docs/BENCHMARKS.md). As transformers does, no ``is_causal`` when a
     mask is given or for one query, and with an empty static cache (K > Q, no mask) only the first Q keys.
     """
