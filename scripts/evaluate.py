@@ -53,6 +53,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_record, also when loaded by path
+
+from bench_record import save_json  # noqa: E402  (scripts/bench_record.py: one rename, never half a file)
 
 from data.eval_sets import SOURCES, TRAINING_SOURCES  # noqa: E402
 from grpo.config import ConfigError, load_config  # noqa: E402
@@ -366,14 +369,6 @@ def read_saved_side(path: Path) -> Optional[dict[str, Any]]:
         return None
 
 
-def save_side(path: Path, report: dict[str, Any]) -> None:
-    """Write a side's report whole or not at all (a temporary file, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report))
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace, rest: list[str], argv: list[str]) -> tuple[dict[str, Any], str, Path]:
     """Load, generate, score; returns the JSON document, the markdown report (and prints the tables) and
     the JSON report's path."""
@@ -452,7 +447,7 @@ def run(args: argparse.Namespace, rest: list[str], argv: list[str]) -> tuple[dic
             dropped_long_prompts=dropped,
         )
         reports.append(report)
-        save_side(side_file, report)  # a compare killed after this side goes on from the next one
+        save_json(side_file, report)  # whole or absent: a compare killed after this goes on from the next
         del model
         gc.collect()
     if sampler is not None:
